@@ -1,0 +1,1949 @@
+/*
+ * sbx_engine.c: one lua_State per helper; per-call limits (memory through
+ * the allocator, instructions and a monotonic deadline through a count hook,
+ * all sticky once tripped); a fresh environment and a fresh thread for every
+ * call; strict reading of what a hook returns.
+ *
+ * Isolation between calls: a call's top level runs again with a new _ENV
+ * table, so its locals, upvalues, hook closures and globals are new objects.
+ * Library tables reach a call as fresh copies (made on first use), the real
+ * string table is reachable only through method calls on strings and holds
+ * no mutable state, the string metatable is protected, __gc is refused, the
+ * PRNG is reseeded by the host before every call, and lua-cjson is a
+ * host-owned instance whose configuration functions are never exposed.
+ * What is left in the state after a call is garbage nothing can reach.
+ */
+
+#define _GNU_SOURCE
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/random.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "sbx_engine.h"
+#include "sbx_lib.h"
+#include "sbx_check.h"
+
+
+typedef struct {
+    char               *name;
+    int                 chunk_ref;      /* compiled top level */
+    int                 mt_ref;         /* metatable of each call's _ENV */
+    uint32_t            caps;
+    uint64_t            memory;
+    uint64_t            instructions;
+    uint32_t            timeout_ms;
+    unsigned            hooks;
+} sbx_script_slot_t;
+
+
+struct sbx_engine_s {
+    lua_State          *L;
+
+    /* allocator */
+    size_t              used;
+    size_t              limit;          /* 0: none */
+    size_t              peak;
+    int                 refused;
+
+    /* current call */
+    uint64_t            instructions;
+    uint64_t            max_instructions;
+    struct timespec     deadline;
+    int                 tripped;
+
+    /* lines the script logged during the current call */
+    uint32_t            nlogs;
+    uint32_t            log_bytes;
+    int                 log_dropped;
+    struct {
+        uint8_t         level;
+        uint32_t        off;
+        uint32_t        len;
+    }                   logs[SBX_MAX_LOG_LINES];
+    char                log_buf[SBX_MAX_LOG_BYTES];
+
+    int                 randomseed_ref;
+    uint64_t            rng[2];
+
+    size_t              baseline;
+    size_t              start_used;
+
+    sbx_script_slot_t  *scripts;
+    unsigned            nscripts;
+
+    uint8_t            *out;
+    size_t              out_size;
+};
+
+
+static sbx_engine_t *
+sbx_engine(lua_State *L)
+{
+    return *(sbx_engine_t **) lua_getextraspace(L);
+}
+
+
+/* allocator: counts every byte; refuses past the call's limit */
+
+static void *
+sbx_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    sbx_engine_t  *e = ud;
+    size_t         old;
+    void          *p;
+
+    old = ptr ? osize : 0;
+
+    if (nsize == 0) {
+        free(ptr);
+        e->used -= old;
+        return NULL;
+    }
+
+    if (nsize > old && e->limit
+        && (nsize - old > e->limit || e->used + (nsize - old) > e->limit))
+    {
+        /*
+         * Lua runs an emergency collection after a refusal and asks again
+         * once: a second refusal in a row is a real trip, and it stays
+         * recorded even if the script catches the error.
+         */
+        if (e->refused) {
+            e->tripped = SBX_TRIP_MEMORY;
+        }
+
+        e->refused = 1;
+        return NULL;
+    }
+
+    p = realloc(ptr, nsize);
+    if (p == NULL) {
+        e->tripped = SBX_TRIP_MEMORY;
+        return NULL;
+    }
+
+    e->refused = 0;
+    e->used = e->used - old + nsize;
+
+    if (e->used > e->peak) {
+        e->peak = e->used;
+    }
+
+    return p;
+}
+
+
+static int
+sbx_deadline_passed(sbx_engine_t *e)
+{
+    struct timespec  now;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+
+    return now.tv_sec > e->deadline.tv_sec
+           || (now.tv_sec == e->deadline.tv_sec
+               && now.tv_nsec >= e->deadline.tv_nsec);
+}
+
+
+static const char *
+sbx_trip_message(int trip)
+{
+    switch (trip) {
+    case SBX_TRIP_INSTRUCTIONS:
+        return "instruction limit exceeded";
+    case SBX_TRIP_MEMORY:
+        return "memory limit exceeded";
+    default:
+        return "time limit exceeded";
+    }
+}
+
+
+static void sbx_hook(lua_State *L, lua_Debug *ar);
+
+
+static int
+sbx_raise_trip(lua_State *L)
+{
+    sbx_engine_t  *e = sbx_engine(L);
+
+    /* from now on this thread raises again at its next instruction */
+    lua_sethook(L, sbx_hook, LUA_MASKCOUNT, 1);
+
+    lua_pushstring(L, sbx_trip_message(e->tripped));
+    return lua_error(L);
+}
+
+
+static void
+sbx_hook(lua_State *L, lua_Debug *ar)
+{
+    sbx_engine_t  *e = sbx_engine(L);
+
+    (void) ar;
+
+    if (e->tripped == SBX_TRIP_NONE) {
+        e->instructions += SBX_HOOK_PERIOD;
+
+        if (e->instructions > e->max_instructions) {
+            e->tripped = SBX_TRIP_INSTRUCTIONS;
+
+        } else if (sbx_deadline_passed(e)) {
+            e->tripped = SBX_TRIP_TIMEOUT;
+
+        } else {
+            return;
+        }
+    }
+
+    sbx_raise_trip(L);
+}
+
+
+void
+sbx_charge(lua_State *L, uint64_t n)
+{
+    sbx_engine_t  *e = sbx_engine(L);
+
+    if (e->tripped == SBX_TRIP_NONE) {
+        e->instructions += n;
+
+        if (e->instructions > e->max_instructions) {
+            e->tripped = SBX_TRIP_INSTRUCTIONS;
+        }
+    }
+
+    sbx_check_tripped(L);
+}
+
+
+void
+sbx_check_tripped(lua_State *L)
+{
+    if (sbx_engine(L)->tripped != SBX_TRIP_NONE) {
+        sbx_raise_trip(L);
+    }
+}
+
+
+int
+sbx_tripped(lua_State *L)
+{
+    return sbx_engine(L)->tripped;
+}
+
+
+/* print() and the log capability */
+
+int
+sbx_log_args(lua_State *L, int level, const char *fname)
+{
+    int            i, n;
+    size_t         len, room;
+    const char    *s;
+    luaL_Buffer    b;
+    sbx_engine_t  *e = sbx_engine(L);
+
+    (void) fname;
+
+    n = lua_gettop(L);
+    luaL_buffinit(L, &b);
+
+    for (i = 1; i <= n; i++) {
+        s = luaL_tolstring(L, i, &len);
+
+        if (i > 1) {
+            luaL_addchar(&b, '\t');
+        }
+
+        if (len > SBX_MAX_LOG_BYTES) {
+            len = SBX_MAX_LOG_BYTES;
+        }
+
+        luaL_addlstring(&b, s, len);
+        lua_pop(L, 1);
+    }
+
+    luaL_pushresult(&b);
+    s = lua_tolstring(L, -1, &len);
+
+    if (e->nlogs >= SBX_MAX_LOG_LINES || e->log_bytes >= SBX_MAX_LOG_BYTES) {
+        e->log_dropped = 1;
+        return 0;
+    }
+
+    room = SBX_MAX_LOG_BYTES - e->log_bytes;
+    if (len > room) {
+        len = room;
+        e->log_dropped = 1;
+    }
+
+    memcpy(e->log_buf + e->log_bytes, s, len);
+    e->logs[e->nlogs].level = (uint8_t) level;
+    e->logs[e->nlogs].off = e->log_bytes;
+    e->logs[e->nlogs].len = (uint32_t) len;
+    e->nlogs++;
+    e->log_bytes += (uint32_t) len;
+
+    return 0;
+}
+
+
+/* host PRNG (xoroshiro128+), seeded from getrandom() before the sandbox */
+
+static uint64_t
+sbx_rng_next(sbx_engine_t *e)
+{
+    uint64_t  s0 = e->rng[0], s1 = e->rng[1], r = s0 + s1;
+
+    s1 ^= s0;
+    e->rng[0] = ((s0 << 24) | (s0 >> 40)) ^ s1 ^ (s1 << 16);
+    e->rng[1] = (s1 << 37) | (s1 >> 27);
+
+    return r;
+}
+
+
+sbx_engine_t *
+sbx_engine_create(char *err, size_t errlen)
+{
+    lua_State     *L;
+    sbx_engine_t  *e;
+
+    e = calloc(1, sizeof(sbx_engine_t));
+    if (e == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+
+    if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng)) {
+        snprintf(err, errlen, "getrandom() failed: %s", strerror(errno));
+        free(e);
+        return NULL;
+    }
+
+    e->rng[0] |= 1;
+
+    L = lua_newstate(sbx_alloc, e);
+    if (L == NULL) {
+        snprintf(err, errlen, "lua_newstate() failed");
+        free(e);
+        return NULL;
+    }
+
+    e->L = L;
+    *(sbx_engine_t **) lua_getextraspace(L) = e;
+
+    /* the base table of safe globals, kept in the registry */
+    sbx_stdlib_open(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, "sbx.stdlib");
+
+    /* math.randomseed, for the host to reseed before every call */
+    lua_getfield(L, LUA_REGISTRYINDEX, "sbx.stdlib");
+    lua_getfield(L, -1, "math");
+    lua_getfield(L, -1, "randomseed");
+    e->randomseed_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 2);
+
+    lua_gc(L, LUA_GCGEN, 0, 0);
+
+    return e;
+}
+
+
+void
+sbx_engine_destroy(sbx_engine_t *e)
+{
+    if (e == NULL) {
+        return;
+    }
+
+    if (e->L) {
+        lua_close(e->L);
+    }
+
+    free(e->scripts);
+    free(e->out);
+    free(e);
+}
+
+
+size_t
+sbx_engine_memory(sbx_engine_t *e)
+{
+    return e->used;
+}
+
+
+/* __index of a call's _ENV: copies library tables on first use */
+
+static int
+sbx_env_index(lua_State *L)
+{
+    /* 1: env, 2: key; upvalue 1: the globals this script may read */
+
+    if (lua_type(L, 2) != LUA_TSTRING) {
+        return 0;
+    }
+
+    lua_settop(L, 2);
+    lua_pushvalue(L, 2);
+
+    switch (lua_rawget(L, lua_upvalueindex(1))) {
+
+    case LUA_TNIL:
+        if (strcmp(lua_tostring(L, 2), "_G") != 0) {
+            return 1;
+        }
+
+        /* "_G" names the call's own environment */
+        lua_pop(L, 1);
+        lua_pushvalue(L, 1);
+        break;
+
+    case LUA_TTABLE:
+        /* a library: this call gets its own shallow copy */
+        lua_createtable(L, 0, 32);
+        lua_pushnil(L);
+
+        while (lua_next(L, 3)) {
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, 4);
+        }
+
+        lua_replace(L, 3);
+        break;
+
+    default:
+        break;
+    }
+
+    /* cache it in this call's environment */
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, 1);
+
+    return 1;
+}
+
+
+/*
+ * Builds the metatable of a script's environments: __index reads the
+ * script's globals (safe base + its capabilities), __metatable hides it.
+ */
+
+static int
+sbx_env_metatable(lua_State *L, uint32_t caps)
+{
+    uint32_t  cap;
+
+    lua_createtable(L, 0, 2);
+
+    lua_createtable(L, 0, 48);
+    lua_getfield(L, LUA_REGISTRYINDEX, "sbx.stdlib");
+    lua_pushnil(L);
+
+    while (lua_next(L, -2)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -5);
+    }
+
+    lua_pop(L, 1);
+
+    for (cap = 1; cap != 0 && cap <= SBX_CAP_LOG; cap <<= 1) {
+        if (caps & cap) {
+            if (sbx_caps_open(L, cap) != 0) {
+                return -1;
+            }
+
+            lua_setfield(L, -2, sbx_cap_name(cap));
+        }
+    }
+
+    lua_pushcclosure(L, sbx_env_index, 1);
+    lua_setfield(L, -2, "__index");
+
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+
+/* error objects are hostile: only strings are reported, bounded */
+
+static void
+sbx_error_text(lua_State *L, int idx, char *buf, size_t size)
+{
+    size_t       len;
+    const char  *s;
+
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        s = lua_tolstring(L, idx, &len);
+
+        if (len >= size) {
+            len = size - 1;
+        }
+
+        memcpy(buf, s, len);
+        buf[len] = '\0';
+        return;
+    }
+
+    snprintf(buf, size, "(error object is a %s value)",
+             lua_typename(L, lua_type(L, idx)));
+}
+
+
+static void
+sbx_call_begin(sbx_engine_t *e, uint64_t memory, uint64_t instructions,
+    uint32_t timeout_ms)
+{
+    lua_State  *L = e->L;
+
+    clock_gettime(CLOCK_MONOTONIC, &e->deadline);
+    e->deadline.tv_sec += timeout_ms / 1000;
+    e->deadline.tv_nsec += (long) (timeout_ms % 1000) * 1000000;
+
+    if (e->deadline.tv_nsec >= 1000000000) {
+        e->deadline.tv_sec++;
+        e->deadline.tv_nsec -= 1000000000;
+    }
+
+    e->instructions = 0;
+    e->max_instructions = instructions;
+    e->tripped = SBX_TRIP_NONE;
+    e->refused = 0;
+    e->nlogs = 0;
+    e->log_bytes = 0;
+    e->log_dropped = 0;
+
+    e->start_used = e->used;
+    e->limit = memory ? e->used + memory : 0;
+    e->peak = e->used;
+
+    lua_sethook(L, sbx_hook, LUA_MASKCOUNT, SBX_HOOK_PERIOD);
+}
+
+
+static void
+sbx_call_end(sbx_engine_t *e)
+{
+    lua_sethook(e->L, NULL, 0, 0);
+    e->limit = 0;
+}
+
+
+/*
+ * Pushes a new thread with the script's top level on it, its _ENV set to a
+ * new table, and runs it.  On success the hooks value is left on the
+ * thread's stack.
+ */
+
+static int
+sbx_run_top(sbx_engine_t *e, sbx_script_slot_t *s, lua_State **pco,
+    char *err, size_t errlen)
+{
+    int         rc;
+    lua_State  *L = e->L, *co;
+
+    co = lua_newthread(L);
+    *pco = co;
+
+    lua_rawgeti(co, LUA_REGISTRYINDEX, s->chunk_ref);
+
+    lua_createtable(co, 0, 4);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, s->mt_ref);
+    lua_setmetatable(co, -2);
+
+    if (lua_setupvalue(co, -2, 1) == NULL) {
+        lua_pop(co, 1);
+    }
+
+    rc = lua_pcall(co, 0, 1, 0);
+
+    if (rc != LUA_OK) {
+        sbx_error_text(co, -1, err, errlen);
+        return -1;
+    }
+
+    return 0;
+}
+
+
+static unsigned
+sbx_hooks_of(lua_State *co, int idx)
+{
+    unsigned  hooks = 0;
+
+    if (lua_type(co, idx) == LUA_TFUNCTION) {
+        return SBX_HAS_REQUEST;
+    }
+
+    if (lua_type(co, idx) != LUA_TTABLE) {
+        return 0;
+    }
+
+    /* raw access: a metatable on the returned table runs no code here */
+    idx = lua_absindex(co, idx);
+
+    lua_pushliteral(co, "request");
+    if (lua_rawget(co, idx) == LUA_TFUNCTION) {
+        hooks |= SBX_HAS_REQUEST;
+    }
+
+    lua_pushliteral(co, "response");
+    if (lua_rawget(co, idx) == LUA_TFUNCTION) {
+        hooks |= SBX_HAS_RESPONSE;
+    }
+
+    lua_pop(co, 2);
+
+    return hooks;
+}
+
+
+int
+sbx_engine_load(sbx_engine_t *e, const sbx_script_t *s, unsigned *hooks,
+    char *err, size_t errlen)
+{
+    int                 rc, top;
+    char                name[512], msg[SBX_MAX_ERROR_MSG];
+    lua_State          *L = e->L, *co;
+    sbx_script_slot_t  *slot, *scripts;
+
+    if (s->source.len > SBX_MAX_SCRIPT_SIZE) {
+        snprintf(err, errlen, "%.*s:1: script is larger than %d bytes",
+                 (int) s->chunkname.len, s->chunkname.data,
+                 SBX_MAX_SCRIPT_SIZE);
+        return -1;
+    }
+
+    if (e->nscripts >= SBX_MAX_CONNECTORS) {
+        snprintf(err, errlen, "too many scripts");
+        return -1;
+    }
+
+    scripts = realloc(e->scripts, (e->nscripts + 1) * sizeof(*scripts));
+    if (scripts == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    e->scripts = scripts;
+    slot = &scripts[e->nscripts];
+    memset(slot, 0, sizeof(*slot));
+
+    slot->name = strndup((const char *) s->name.data, s->name.len);
+    if (slot->name == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    slot->caps = s->caps;
+    slot->memory = s->memory;
+    slot->instructions = s->instructions;
+    slot->timeout_ms = s->timeout_ms;
+
+    top = lua_gettop(L);
+
+    snprintf(name, sizeof(name), "@%.*s", (int) s->chunkname.len,
+             s->chunkname.data);
+
+    /* compiling is C code no hook interrupts: cap its memory */
+    sbx_call_begin(e, s->memory, s->instructions, s->timeout_ms);
+
+    rc = luaL_loadbufferx(L, (const char *) s->source.data, s->source.len,
+                          name, "t");
+
+    if (rc != LUA_OK) {
+        sbx_error_text(L, -1, msg, sizeof(msg));
+        sbx_call_end(e);
+
+        if (e->tripped == SBX_TRIP_MEMORY || rc == LUA_ERRMEM) {
+            snprintf(err, errlen, "%.*s:1: memory limit exceeded while "
+                     "compiling", (int) s->chunkname.len, s->chunkname.data);
+        } else {
+            snprintf(err, errlen, "%s", msg);
+        }
+
+        lua_settop(L, top);
+        return -1;
+    }
+
+    sbx_call_end(e);
+
+    slot->chunk_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    slot->mt_ref = sbx_env_metatable(L, s->caps);
+
+    if (slot->mt_ref < 0) {
+        snprintf(err, errlen, "cannot set up capabilities");
+        lua_settop(L, top);
+        return -1;
+    }
+
+    /* the top level is user code too: run it once, limits armed */
+    sbx_call_begin(e, s->memory, s->instructions, s->timeout_ms);
+    rc = sbx_run_top(e, slot, &co, msg, sizeof(msg));
+    sbx_call_end(e);
+
+    if (rc != 0 || e->tripped) {
+        if (e->tripped) {
+            snprintf(err, errlen, "%.*s:1: top level: %s",
+                     (int) s->chunkname.len, s->chunkname.data,
+                     sbx_trip_message(e->tripped));
+        } else {
+            snprintf(err, errlen, "%s", msg);
+        }
+
+        lua_settop(L, top);
+        return -1;
+    }
+
+    slot->hooks = sbx_hooks_of(co, -1);
+    lua_settop(L, top);
+
+    if (slot->hooks == 0) {
+        snprintf(err, errlen, "%.*s:1: the script must return a function "
+                 "or a table with a \"request\" or \"response\" function",
+                 (int) s->chunkname.len, s->chunkname.data);
+        return -1;
+    }
+
+    *hooks = slot->hooks;
+
+    return (int) e->nscripts++;
+}
+
+
+void
+sbx_engine_ready(sbx_engine_t *e)
+{
+    lua_gc(e->L, LUA_GCCOLLECT);
+    e->baseline = e->used;
+}
+
+
+void
+sbx_engine_idle(sbx_engine_t *e)
+{
+    /* garbage of earlier calls must not eat into the next call's limit */
+    if (e->used > e->baseline + 4 * 1024 * 1024) {
+        lua_gc(e->L, LUA_GCCOLLECT);
+    }
+}
+
+
+/* ---- building the tables a hook receives ---- */
+
+static int
+sbx_hexval(int c)
+{
+    if (c >= '0' && c <= '9') {
+        return c - '0';
+    }
+
+    c |= 0x20;
+
+    if (c >= 'a' && c <= 'f') {
+        return c - 'a' + 10;
+    }
+
+    return -1;
+}
+
+
+static void
+sbx_push_unescaped(lua_State *L, const uint8_t *p, size_t len)
+{
+    size_t       i;
+    int          h, l;
+    luaL_Buffer  b;
+
+    luaL_buffinit(L, &b);
+
+    for (i = 0; i < len; i++) {
+        if (p[i] == '+') {
+            luaL_addchar(&b, ' ');
+
+        } else if (p[i] == '%' && i + 2 < len
+                   && (h = sbx_hexval(p[i + 1])) >= 0
+                   && (l = sbx_hexval(p[i + 2])) >= 0)
+        {
+            luaL_addchar(&b, (char) (h * 16 + l));
+            i += 2;
+
+        } else {
+            luaL_addchar(&b, (char) p[i]);
+        }
+    }
+
+    luaL_pushresult(&b);
+}
+
+
+/* req.query: repeated keys become arrays, keys without '=' are true */
+
+static void
+sbx_push_query(lua_State *L, const uint8_t *p, size_t len)
+{
+    int             n = 0;
+    size_t          klen;
+    const uint8_t  *end = p + len, *amp, *eq;
+
+    lua_createtable(L, 0, 4);
+
+    while (p < end && n < 100) {
+        amp = memchr(p, '&', end - p);
+        if (amp == NULL) {
+            amp = end;
+        }
+
+        eq = memchr(p, '=', amp - p);
+        klen = (eq ? eq : amp) - p;
+
+        if (klen) {
+            sbx_push_unescaped(L, p, klen);
+
+            if (eq) {
+                sbx_push_unescaped(L, eq + 1, amp - eq - 1);
+            } else {
+                lua_pushboolean(L, 1);
+            }
+
+            lua_pushvalue(L, -2);
+
+            switch (lua_rawget(L, -4)) {
+            case LUA_TNIL:
+                lua_pop(L, 1);
+                lua_rawset(L, -3);
+                break;
+
+            case LUA_TTABLE:
+                lua_insert(L, -2);
+                lua_rawseti(L, -2, (lua_Integer) lua_rawlen(L, -2) + 1);
+                lua_pop(L, 2);
+                break;
+
+            default:
+                lua_createtable(L, 2, 0);
+                lua_insert(L, -2);
+                lua_rawseti(L, -2, 1);
+                lua_insert(L, -2);
+                lua_rawseti(L, -2, 2);
+                lua_rawset(L, -3);
+                break;
+            }
+
+            n++;
+        }
+
+        p = amp + 1;
+    }
+}
+
+
+static int
+sbx_push_headers(lua_State *L, sbx_rd_t *rd)
+{
+    uint32_t   i, n;
+    sbx_str_t  name, value;
+
+    if (sbx_get_count(rd, &n, 10000, 8) != 0) {
+        return -1;
+    }
+
+    lua_createtable(L, 0, (int) n);
+
+    for (i = 0; i < n; i++) {
+        if (sbx_get_str(rd, &name) != 0 || sbx_get_str(rd, &value) != 0) {
+            return -1;
+        }
+
+        lua_pushlstring(L, (const char *) name.data, name.len);
+        lua_pushvalue(L, -1);
+
+        if (lua_rawget(L, -3) == LUA_TSTRING) {
+            /* repeated field: combine as RFC 9110 allows */
+            if (name.len == 6 && memcmp(name.data, "cookie", 6) == 0) {
+                lua_pushliteral(L, "; ");
+            } else {
+                lua_pushliteral(L, ", ");
+            }
+
+            lua_pushlstring(L, (const char *) value.data, value.len);
+            lua_concat(L, 3);
+
+        } else {
+            lua_pop(L, 1);
+            lua_pushlstring(L, (const char *) value.data, value.len);
+        }
+
+        lua_rawset(L, -3);
+    }
+
+    return 0;
+}
+
+
+static int
+sbx_push_body(lua_State *L, sbx_rd_t *rd)
+{
+    uint8_t    has;
+    sbx_str_t  body;
+
+    if (sbx_get_u8(rd, &has) != 0 || sbx_get_str(rd, &body) != 0) {
+        return -1;
+    }
+
+    if (has) {
+        lua_pushlstring(L, (const char *) body.data, body.len);
+    } else {
+        lua_pushnil(L);
+    }
+
+    return 0;
+}
+
+
+static void
+sbx_set_str(lua_State *L, const char *key, sbx_str_t *s)
+{
+    lua_pushlstring(L, (const char *) s->data, s->len);
+    lua_setfield(L, -2, key);
+}
+
+
+static void
+sbx_set_str_or_nil(lua_State *L, const char *key, sbx_str_t *s)
+{
+    if (s->len) {
+        lua_pushlstring(L, (const char *) s->data, s->len);
+        lua_setfield(L, -2, key);
+    }
+}
+
+
+static int
+sbx_push_request(lua_State *L, sbx_rd_t *rd, const char *connector)
+{
+    sbx_str_t  method, uri, args, id, ip, country, continent;
+
+    if (sbx_get_str(rd, &method) || sbx_get_str(rd, &uri)
+        || sbx_get_str(rd, &args) || sbx_get_str(rd, &id)
+        || sbx_get_str(rd, &ip) || sbx_get_str(rd, &country)
+        || sbx_get_str(rd, &continent))
+    {
+        return -1;
+    }
+
+    lua_createtable(L, 0, 12);
+
+    sbx_set_str(L, "method", &method);
+    sbx_set_str(L, "uri", &uri);
+    sbx_set_str(L, "args", &args);
+    sbx_set_str(L, "id", &id);
+
+    sbx_push_query(L, args.data, args.len);
+    lua_setfield(L, -2, "query");
+
+    lua_pushstring(L, connector);
+    lua_setfield(L, -2, "connector");
+
+    lua_createtable(L, 0, 3);
+    sbx_set_str(L, "ip", &ip);
+    sbx_set_str_or_nil(L, "country", &country);
+    sbx_set_str_or_nil(L, "continent", &continent);
+    lua_setfield(L, -2, "client");
+
+    if (sbx_push_headers(L, rd) != 0) {
+        return -1;
+    }
+
+    lua_setfield(L, -2, "headers");
+
+    if (sbx_push_body(L, rd) != 0) {
+        return -1;
+    }
+
+    lua_setfield(L, -2, "body");
+
+    return 0;
+}
+
+
+static int
+sbx_push_response(lua_State *L, sbx_rd_t *rd)
+{
+    uint32_t  status;
+
+    if (sbx_get_u32(rd, &status) != 0) {
+        return -1;
+    }
+
+    lua_createtable(L, 0, 3);
+
+    lua_pushinteger(L, status);
+    lua_setfield(L, -2, "status");
+
+    if (sbx_push_headers(L, rd) != 0) {
+        return -1;
+    }
+
+    lua_setfield(L, -2, "headers");
+
+    if (sbx_push_body(L, rd) != 0) {
+        return -1;
+    }
+
+    lua_setfield(L, -2, "body");
+
+    return 0;
+}
+
+
+/* ---- reading what a hook returned: raw access only, never recurse ---- */
+
+typedef struct {
+    sbx_header_t        h[SBX_MAX_HEADERS];
+    uint32_t            n;
+} sbx_out_headers_t;
+
+
+static int
+sbx_bad(char *err, size_t errlen, const char *fmt, const char *a)
+{
+    snprintf(err, errlen, fmt, a);
+    return -1;
+}
+
+
+static int
+sbx_host_owned(const uint8_t *p, size_t len)
+{
+    static const char  *names[] = {
+        "content-length", "transfer-encoding", "connection", "keep-alive",
+        "upgrade", "te", "trailer", "proxy-connection", NULL
+    };
+    const char        **n;
+
+    for (n = names; *n; n++) {
+        if (strlen(*n) == len && strncasecmp(*n, (const char *) p, len) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static int
+sbx_read_header_value(lua_State *L, int idx, sbx_str_t *v)
+{
+    size_t       len;
+    const char  *s;
+
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+        s = lua_tolstring(L, idx, &len);
+        break;
+
+    case LUA_TNUMBER:
+        /* convert a copy: never change a value under lua_next */
+        lua_pushvalue(L, idx);
+        s = lua_tolstring(L, -1, &len);
+        break;
+
+    default:
+        return -1;
+    }
+
+    if (!sbx_header_value_valid((const uint8_t *) s, len)) {
+        return -1;
+    }
+
+    v->data = (const uint8_t *) s;
+    v->len = len;
+
+    return 0;
+}
+
+
+/*
+ * Reads a headers table into out.  Values are strings, numbers, or arrays
+ * of those (one field line each).  Strings stay anchored on the stack (the
+ * table) until the result is written.
+ */
+
+static int
+sbx_read_headers(lua_State *L, int idx, sbx_out_headers_t *out, char *err,
+    size_t errlen)
+{
+    int          vt;
+    size_t       len;
+    lua_Integer  i, n;
+    const char  *name;
+    sbx_str_t    key, v;
+
+    out->n = 0;
+
+    if (lua_type(L, idx) == LUA_TNIL) {
+        return 0;
+    }
+
+    if (lua_type(L, idx) != LUA_TTABLE || lua_getmetatable(L, idx)) {
+        return sbx_bad(err, errlen, "headers must be a plain table%s", "");
+    }
+
+    lua_pushnil(L);
+
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            return sbx_bad(err, errlen, "header names must be strings%s", "");
+        }
+
+        name = lua_tolstring(L, -2, &len);
+
+        if (!sbx_header_name_valid((const uint8_t *) name, len)) {
+            return sbx_bad(err, errlen, "invalid header name%s", "");
+        }
+
+        key.data = (const uint8_t *) name;
+        key.len = len;
+        vt = lua_type(L, -1);
+
+        if (vt == LUA_TTABLE) {
+            if (lua_getmetatable(L, -1)) {
+                return sbx_bad(err, errlen, "header \"%s\": value must be "
+                               "a plain table", name);
+            }
+
+            n = (lua_Integer) lua_rawlen(L, -1);
+
+            for (i = 1; i <= n; i++) {
+                if (out->n >= SBX_MAX_HEADERS) {
+                    return sbx_bad(err, errlen, "too many headers%s", "");
+                }
+
+                if (!lua_checkstack(L, 4)) {
+                    return sbx_bad(err, errlen, "too many headers%s", "");
+                }
+
+                lua_rawgeti(L, -1, i);
+
+                if (sbx_read_header_value(L, lua_gettop(L), &v) != 0) {
+                    return sbx_bad(err, errlen, "header \"%s\": invalid "
+                                   "value", name);
+                }
+
+                /* keep the value anchored: move it below the key */
+                if (lua_type(L, -1) == LUA_TSTRING
+                    && lua_type(L, -2) == LUA_TNUMBER)
+                {
+                    lua_remove(L, -2);
+                }
+
+                lua_insert(L, -4);
+
+                if (!sbx_host_owned(key.data, key.len)) {
+                    out->h[out->n].name = key;
+                    out->h[out->n].value = v;
+                    out->n++;
+                }
+            }
+
+            lua_pop(L, 1);
+            continue;
+        }
+
+        if (out->n >= SBX_MAX_HEADERS) {
+            return sbx_bad(err, errlen, "too many headers%s", "");
+        }
+
+        if (sbx_read_header_value(L, lua_gettop(L), &v) != 0) {
+            return sbx_bad(err, errlen, "header \"%s\": invalid value", name);
+        }
+
+        if (vt == LUA_TNUMBER) {
+            /* the converted copy must outlive the loop: keep it below */
+            if (!lua_checkstack(L, 4)) {
+                return sbx_bad(err, errlen, "too many headers%s", "");
+            }
+
+            lua_insert(L, -3);
+        }
+
+        if (!sbx_host_owned(key.data, key.len)) {
+            out->h[out->n].name = key;
+            out->h[out->n].value = v;
+            out->n++;
+        }
+
+        lua_pop(L, 1);
+    }
+
+    return 0;
+}
+
+
+static int
+sbx_read_status(lua_State *L, int idx, uint32_t *status)
+{
+    lua_Number   d;
+    lua_Integer  i;
+
+    if (lua_type(L, idx) != LUA_TNUMBER) {
+        return -1;
+    }
+
+    if (lua_isinteger(L, idx)) {
+        i = lua_tointeger(L, idx);
+
+    } else {
+        d = lua_tonumber(L, idx);
+
+        if (!(d >= 100 && d <= 599) || floor(d) != d) {
+            return -1;
+        }
+
+        i = (lua_Integer) d;
+    }
+
+    if (i < 100 || i > 599) {
+        return -1;
+    }
+
+    *status = (uint32_t) i;
+
+    return 0;
+}
+
+
+static int
+sbx_read_string_field(lua_State *L, int t, const char *key, sbx_str_t *s,
+    int *present)
+{
+    size_t       len;
+    const char  *p;
+
+    lua_pushstring(L, key);
+
+    switch (lua_rawget(L, t)) {
+    case LUA_TNIL:
+        *present = 0;
+        return 0;
+
+    case LUA_TSTRING:
+        p = lua_tolstring(L, -1, &len);
+        s->data = (const uint8_t *) p;
+        s->len = len;
+        *present = 1;
+        return 0;
+
+    default:
+        return -1;
+    }
+}
+
+
+static int
+sbx_uri_valid(const sbx_str_t *s, int is_uri)
+{
+    size_t  i;
+
+    if (s->len > 8192 || (is_uri && (s->len == 0 || s->data[0] != '/'))) {
+        return 0;
+    }
+
+    for (i = 0; i < s->len; i++) {
+        if (s->data[i] <= 0x20 || s->data[i] == 0x7f
+            || (!is_uri && s->data[i] == '#'))
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static int
+sbx_out_reserve(sbx_engine_t *e, size_t size)
+{
+    uint8_t  *p;
+
+    if (size <= e->out_size) {
+        return 0;
+    }
+
+    p = realloc(e->out, size);
+    if (p == NULL) {
+        return -1;
+    }
+
+    e->out = p;
+    e->out_size = size;
+
+    return 0;
+}
+
+
+static void
+sbx_write_common(sbx_engine_t *e, sbx_wr_t *w, unsigned outcome,
+    uint64_t time_us, uint32_t cpu_ms)
+{
+    uint32_t  i;
+
+    sbx_put_u8(w, (uint8_t) outcome);
+    sbx_put_u64(w, e->instructions);
+    sbx_put_u64(w, e->peak - e->start_used);
+    sbx_put_u32(w, (uint32_t) time_us);
+    sbx_put_u32(w, cpu_ms);
+    sbx_put_u32(w, e->nlogs + (e->log_dropped ? 1 : 0));
+
+    for (i = 0; i < e->nlogs; i++) {
+        sbx_put_u8(w, e->logs[i].level);
+        sbx_put_str(w, e->log_buf + e->logs[i].off, e->logs[i].len);
+    }
+
+    if (e->log_dropped) {
+        sbx_put_u8(w, SBX_LOG_WARN);
+        sbx_put_str(w, "further log lines of this request were dropped",
+                    sizeof("further log lines of this request were dropped")
+                    - 1);
+    }
+}
+
+
+typedef struct {
+    sbx_script_slot_t  *slot;
+    unsigned            hook;
+    sbx_rd_t            rd;
+    const char         *connector;
+    int                 nohook;
+    int                 malformed;
+} sbx_invoke_t;
+
+
+/*
+ * Runs in protected mode on the call's thread: the top level, then the
+ * hook with the tables built from the CALL payload.
+ */
+
+static int
+sbx_invoke(lua_State *L)
+{
+    int            nargs;
+    sbx_invoke_t  *ctx = lua_touserdata(L, 1);
+
+    lua_settop(L, 0);
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->slot->chunk_ref);
+    lua_createtable(L, 0, 4);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->slot->mt_ref);
+    lua_setmetatable(L, -2);
+
+    if (lua_setupvalue(L, -2, 1) == NULL) {
+        lua_pop(L, 1);
+    }
+
+    lua_call(L, 0, 1);
+
+    /* 1: what the top level returned */
+
+    if (lua_type(L, 1) == LUA_TTABLE) {
+        lua_pushstring(L, ctx->hook == SBX_HOOK_RESPONSE ? "response"
+                                                          : "request");
+        lua_rawget(L, 1);
+
+    } else if (lua_type(L, 1) == LUA_TFUNCTION
+               && ctx->hook == SBX_HOOK_REQUEST)
+    {
+        lua_pushvalue(L, 1);
+
+    } else {
+        lua_pushnil(L);
+    }
+
+    if (lua_type(L, 2) != LUA_TFUNCTION) {
+        ctx->nohook = 1;
+        return 0;
+    }
+
+    /* 2: the hook */
+
+    if (ctx->hook == SBX_HOOK_RESPONSE) {
+        if (sbx_push_request(L, &ctx->rd, ctx->connector) != 0
+            || sbx_push_response(L, &ctx->rd) != 0)
+        {
+            ctx->malformed = 1;
+            return luaL_error(L, "malformed call");
+        }
+
+        /* response(res, req) */
+        lua_insert(L, 3);
+        nargs = 2;
+
+    } else {
+        if (sbx_push_request(L, &ctx->rd, ctx->connector) != 0) {
+            ctx->malformed = 1;
+            return luaL_error(L, "malformed call");
+        }
+
+        nargs = 1;
+    }
+
+    lua_call(L, nargs, 1);
+
+    return 1;
+}
+
+
+static uint64_t
+sbx_elapsed_us(const struct timespec *t0)
+{
+    struct timespec  t1;
+
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+
+    return (uint64_t) (t1.tv_sec - t0->tv_sec) * 1000000
+           + (t1.tv_nsec - t0->tv_nsec) / 1000;
+}
+
+
+static uint32_t
+sbx_cpu_ms(void)
+{
+    struct timespec  t;
+
+    if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t) != 0) {
+        return 0;
+    }
+
+    return (uint32_t) (t.tv_sec * 1000 + t.tv_nsec / 1000000);
+}
+
+
+/* what the hook returned, checked; writes the outcome-specific part */
+
+static unsigned
+sbx_read_result(lua_State *co, unsigned hook, sbx_wr_t *w, int write,
+    sbx_out_headers_t *hdrs, char *err, size_t errlen)
+{
+    int        t, present;
+    uint32_t   i, status;
+    sbx_str_t  uri, args, body;
+
+    t = lua_gettop(co);
+
+    if (lua_type(co, t) != LUA_TTABLE) {
+        snprintf(err, errlen, "the %s hook returned a %s value, not a table",
+                 hook == SBX_HOOK_RESPONSE ? "response" : "request",
+                 lua_typename(co, lua_type(co, t)));
+        return SBX_OUT_BAD_RETURN;
+    }
+
+    if (lua_getmetatable(co, t)) {
+        lua_pop(co, 1);
+        snprintf(err, errlen, "the returned table has a metatable");
+        return SBX_OUT_BAD_RETURN;
+    }
+
+    lua_pushliteral(co, "status");
+    lua_rawget(co, t);
+
+    if (lua_type(co, -1) != LUA_TNIL || hook == SBX_HOOK_RESPONSE) {
+
+        /* a response: status, headers, body */
+
+        if (sbx_read_status(co, -1, &status) != 0) {
+            snprintf(err, errlen, "status must be an integer from 100 to "
+                     "599");
+            return SBX_OUT_BAD_RETURN;
+        }
+
+        lua_pushliteral(co, "headers");
+        lua_rawget(co, t);
+
+        if (sbx_read_headers(co, lua_gettop(co), hdrs, err, errlen) != 0) {
+            return SBX_OUT_BAD_RETURN;
+        }
+
+        if (sbx_read_string_field(co, t, "body", &body, &present) != 0) {
+            snprintf(err, errlen, "body must be a string or nil");
+            return SBX_OUT_BAD_RETURN;
+        }
+
+        if (write) {
+            sbx_put_u32(w, status);
+            sbx_put_u32(w, hdrs->n);
+
+            for (i = 0; i < hdrs->n; i++) {
+                sbx_put_str(w, hdrs->h[i].name.data, hdrs->h[i].name.len);
+                sbx_put_str(w, hdrs->h[i].value.data, hdrs->h[i].value.len);
+            }
+
+            sbx_put_u8(w, (uint8_t) present);
+            sbx_put_str(w, present ? body.data : NULL, present ? body.len : 0);
+        }
+
+        return SBX_OUT_RESPONSE;
+    }
+
+    /* the request, to go upstream: uri, args, headers, body */
+
+    if (sbx_read_string_field(co, t, "uri", &uri, &present) != 0
+        || !present || !sbx_uri_valid(&uri, 1))
+    {
+        snprintf(err, errlen, "uri must be a string starting with \"/\" "
+                 "without control characters or spaces");
+        return SBX_OUT_BAD_RETURN;
+    }
+
+    if (sbx_read_string_field(co, t, "args", &args, &present) != 0
+        || (present && !sbx_uri_valid(&args, 0)))
+    {
+        snprintf(err, errlen, "args must be a string without control "
+                 "characters, spaces or \"#\"");
+        return SBX_OUT_BAD_RETURN;
+    }
+
+    if (!present) {
+        args.data = NULL;
+        args.len = 0;
+    }
+
+    lua_pushliteral(co, "headers");
+    lua_rawget(co, t);
+
+    if (sbx_read_headers(co, lua_gettop(co), hdrs, err, errlen) != 0) {
+        return SBX_OUT_BAD_RETURN;
+    }
+
+    if (sbx_read_string_field(co, t, "body", &body, &present) != 0) {
+        snprintf(err, errlen, "body must be a string or nil");
+        return SBX_OUT_BAD_RETURN;
+    }
+
+    if (write) {
+        sbx_put_str(w, uri.data, uri.len);
+        sbx_put_str(w, args.data, args.len);
+        sbx_put_u32(w, hdrs->n);
+
+        for (i = 0; i < hdrs->n; i++) {
+            sbx_put_str(w, hdrs->h[i].name.data, hdrs->h[i].name.len);
+            sbx_put_str(w, hdrs->h[i].value.data, hdrs->h[i].value.len);
+        }
+
+        sbx_put_u8(w, (uint8_t) present);
+        sbx_put_str(w, present ? body.data : NULL, present ? body.len : 0);
+    }
+
+    return SBX_OUT_REQUEST;
+}
+
+
+int
+sbx_engine_call(sbx_engine_t *e, unsigned script, unsigned hook,
+    const uint8_t *payload, size_t len, uint8_t **out, size_t *outlen)
+{
+    int                 rc, top, base;
+    char                msg[SBX_MAX_ERROR_MSG];
+    unsigned            outcome;
+    uint32_t            cpu;
+    uint64_t            us;
+    sbx_wr_t            w;
+    lua_State          *L = e->L, *co;
+    sbx_invoke_t        ctx;
+    struct timespec     t0;
+    sbx_script_slot_t  *slot;
+    sbx_out_headers_t  *hdrs;
+    static sbx_out_headers_t  headers;
+
+    if (script >= e->nscripts) {
+        return -1;
+    }
+
+    slot = &e->scripts[script];
+    hdrs = &headers;
+    msg[0] = '\0';
+
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+
+    top = lua_gettop(L);
+
+    /* no PRNG state crosses calls */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, e->randomseed_ref);
+    lua_pushinteger(L, (lua_Integer) sbx_rng_next(e));
+    lua_pushinteger(L, (lua_Integer) sbx_rng_next(e));
+    lua_pcall(L, 2, 0, 0);
+    lua_settop(L, top);
+
+    ctx.slot = slot;
+    ctx.hook = hook;
+    ctx.connector = slot->name;
+    ctx.nohook = 0;
+    ctx.malformed = 0;
+    sbx_rd_init(&ctx.rd, payload, len);
+
+    co = lua_newthread(L);
+
+    sbx_call_begin(e, slot->memory, slot->instructions, slot->timeout_ms);
+
+    lua_pushcfunction(co, sbx_invoke);
+    lua_pushlightuserdata(co, &ctx);
+    rc = lua_pcall(co, 1, 1, 0);
+
+    sbx_call_end(e);
+
+    if (ctx.malformed) {
+        lua_settop(L, top);
+        return -1;
+    }
+
+    base = lua_gettop(co);
+
+    if (e->tripped == SBX_TRIP_INSTRUCTIONS) {
+        outcome = SBX_OUT_INSTRUCTIONS;
+
+    } else if (e->tripped == SBX_TRIP_MEMORY || rc == LUA_ERRMEM) {
+        outcome = SBX_OUT_MEMORY;
+
+    } else if (e->tripped == SBX_TRIP_TIMEOUT) {
+        outcome = SBX_OUT_TIMEOUT;
+
+    } else if (rc != LUA_OK) {
+        outcome = SBX_OUT_SCRIPT_ERROR;
+        sbx_error_text(co, -1, msg, sizeof(msg));
+
+    } else if (ctx.nohook) {
+        outcome = SBX_OUT_NOHOOK;
+
+    } else {
+        outcome = sbx_read_result(co, hook, NULL, 0, hdrs, msg, sizeof(msg));
+    }
+
+    if (outcome >= SBX_OUT_INSTRUCTIONS && msg[0] == '\0') {
+        snprintf(msg, sizeof(msg), "%s", sbx_trip_message(e->tripped
+                 ? e->tripped : SBX_TRIP_MEMORY));
+    }
+
+    us = sbx_elapsed_us(&t0);
+    cpu = sbx_cpu_ms();
+
+    /* measure, then write */
+    for ( ;; ) {
+        sbx_wr_init(&w, e->out ? e->out + SBX_FRAME_HDR_SIZE : NULL,
+                    e->out_size > SBX_FRAME_HDR_SIZE
+                    ? e->out_size - SBX_FRAME_HDR_SIZE : 0);
+
+        sbx_write_common(e, &w, outcome, us, cpu);
+
+        if (outcome == SBX_OUT_RESPONSE || outcome == SBX_OUT_REQUEST) {
+            lua_settop(co, base);
+            (void) sbx_read_result(co, hook, &w, 1, hdrs, msg, sizeof(msg));
+
+        } else if (outcome != SBX_OUT_NOHOOK) {
+            sbx_put_str(&w, msg, strlen(msg));
+        }
+
+        if (e->out && !w.overflow
+            && w.need + SBX_FRAME_HDR_SIZE <= e->out_size)
+        {
+            break;
+        }
+
+        if (w.need > SBX_FRAME_MAX
+            || sbx_out_reserve(e, w.need + SBX_FRAME_HDR_SIZE) != 0)
+        {
+            lua_settop(L, top);
+            return -1;
+        }
+    }
+
+    *out = e->out;
+    *outlen = w.need;
+
+    lua_settop(L, top);
+
+    return 0;
+}
+
+
+/* ---- configuration-time checks (sbx-lua-helper check) ---- */
+
+typedef struct {
+    int                 set;
+    int                 line;
+    char               *name;
+    char               *field;
+} sbx_access_t;
+
+
+typedef struct {
+    sbx_access_t       *a;
+    size_t              n;
+    size_t              size;
+    int                 oom;
+} sbx_accesses_t;
+
+
+static void
+sbx_collect(void *data, int set, const char *name, size_t len,
+    const char *field, size_t flen, int line)
+{
+    sbx_access_t    *a;
+    sbx_accesses_t  *acc = data;
+
+    if (acc->oom) {
+        return;
+    }
+
+    if (acc->n == acc->size) {
+        a = realloc(acc->a, (acc->size * 2 + 16) * sizeof(sbx_access_t));
+        if (a == NULL) {
+            acc->oom = 1;
+            return;
+        }
+
+        acc->a = a;
+        acc->size = acc->size * 2 + 16;
+    }
+
+    a = &acc->a[acc->n++];
+    a->set = set;
+    a->line = line;
+    a->name = strndup(name, len);
+    a->field = field ? strndup(field, flen) : NULL;
+}
+
+
+static int
+sbx_dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
+{
+    luaL_Buffer  *b = ud;
+
+    (void) L;
+    luaL_addlstring(b, p, sz);
+
+    return 0;
+}
+
+
+static int
+sbx_dump_chunk(lua_State *L)
+{
+    luaL_Buffer  b;
+
+    /* 1: the compiled chunk */
+    luaL_buffinit(L, &b);
+    lua_pushvalue(L, 1);
+    lua_dump(L, sbx_dump_writer, &b, 0);
+    lua_pop(L, 1);
+    luaL_pushresult(&b);
+
+    return 1;
+}
+
+
+/* 1: readable, 0: not, 2: needs a capability the script was not given */
+
+static int
+sbx_global_readable(sbx_engine_t *e, uint32_t caps, const char *name,
+    const char *field)
+{
+    int         rc, t;
+    uint32_t    cap;
+    lua_State  *L = e->L;
+    const char *cname;
+
+    if (strcmp(name, "_G") == 0) {
+        return 1;
+    }
+
+    lua_getfield(L, LUA_REGISTRYINDEX, "sbx.stdlib");
+    t = lua_getfield(L, -1, name);
+
+    if (t == LUA_TNIL) {
+        lua_pop(L, 2);
+
+        for (cap = 1; cap <= SBX_CAP_LOG; cap <<= 1) {
+            cname = sbx_cap_name(cap);
+
+            if (cname && strcmp(cname, name) == 0) {
+                if (!(caps & cap)) {
+                    return 2;
+                }
+
+                if (field == NULL) {
+                    return 1;
+                }
+
+                if (sbx_caps_open(L, cap) != 0) {
+                    return 0;
+                }
+
+                rc = lua_getfield(L, -1, field) != LUA_TNIL;
+                lua_pop(L, 2);
+
+                return rc;
+            }
+        }
+
+        return 0;
+    }
+
+    rc = 1;
+
+    if (field && t == LUA_TTABLE) {
+        rc = lua_getfield(L, -1, field) != LUA_TNIL;
+        lua_pop(L, 1);
+    }
+
+    lua_pop(L, 2);
+
+    return rc;
+}
+
+
+int
+sbx_engine_check(sbx_engine_t *e, const sbx_script_t *s, char *out,
+    size_t outlen)
+{
+    int              rc, problems = 0, k;
+    size_t           i, j, dlen, used = 0;
+    char             name[512], msg[SBX_MAX_ERROR_MSG];
+    lua_State       *L = e->L;
+    const char      *dump;
+    sbx_accesses_t   acc;
+
+    out[0] = '\0';
+
+    if (s->source.len > SBX_MAX_SCRIPT_SIZE) {
+        snprintf(out, outlen, "%.*s:1: script is larger than %d bytes\n",
+                 (int) s->chunkname.len, s->chunkname.data,
+                 SBX_MAX_SCRIPT_SIZE);
+        return 1;
+    }
+
+    snprintf(name, sizeof(name), "@%.*s", (int) s->chunkname.len,
+             s->chunkname.data);
+
+    sbx_call_begin(e, s->memory, s->instructions, s->timeout_ms);
+    rc = luaL_loadbufferx(L, (const char *) s->source.data, s->source.len,
+                          name, "t");
+    sbx_call_end(e);
+
+    if (rc != LUA_OK) {
+        if (e->tripped == SBX_TRIP_MEMORY || rc == LUA_ERRMEM) {
+            snprintf(out, outlen, "%.*s:1: memory limit exceeded while "
+                     "compiling\n", (int) s->chunkname.len,
+                     s->chunkname.data);
+        } else {
+            sbx_error_text(L, -1, msg, sizeof(msg));
+            snprintf(out, outlen, "%s\n", msg);
+        }
+
+        lua_pop(L, 1);
+        return 1;
+    }
+
+    lua_pushcfunction(L, sbx_dump_chunk);
+    lua_insert(L, -2);
+
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        snprintf(out, outlen, "%.*s:1: cannot inspect the compiled script\n",
+                 (int) s->chunkname.len, s->chunkname.data);
+        lua_pop(L, 1);
+        return 1;
+    }
+
+    dump = lua_tolstring(L, -1, &dlen);
+
+    memset(&acc, 0, sizeof(acc));
+
+    if (sbx_check_dump((const uint8_t *) dump, dlen, sbx_collect, &acc) != 0
+        || acc.oom)
+    {
+        snprintf(out, outlen, "%.*s:1: cannot inspect the compiled script\n",
+                 (int) s->chunkname.len, s->chunkname.data);
+        problems++;
+        used = strlen(out);
+    }
+
+    lua_pop(L, 1);
+
+    for (i = 0; i < acc.n && problems < 20; i++) {
+        if (acc.a[i].set || acc.a[i].name == NULL) {
+            continue;
+        }
+
+        for (j = 0; j < acc.n; j++) {
+            if (acc.a[j].set && acc.a[j].name
+                && strcmp(acc.a[j].name, acc.a[i].name) == 0)
+            {
+                break;
+            }
+        }
+
+        if (j < acc.n) {
+            continue;   /* assigned somewhere in the script */
+        }
+
+        k = sbx_global_readable(e, s->caps, acc.a[i].name, acc.a[i].field);
+
+        if (k == 1) {
+            continue;
+        }
+
+        if (k == 2) {
+            rc = snprintf(out + used, outlen - used, "%.*s:%d: global \"%s\" "
+                          "needs the \"%s\" capability\n",
+                          (int) s->chunkname.len, s->chunkname.data,
+                          acc.a[i].line, acc.a[i].name, acc.a[i].name);
+
+        } else if (acc.a[i].field
+                   && sbx_global_readable(e, s->caps, acc.a[i].name, NULL))
+        {
+            rc = snprintf(out + used, outlen - used, "%.*s:%d: \"%s.%s\" is "
+                          "not available in the sandbox\n",
+                          (int) s->chunkname.len, s->chunkname.data,
+                          acc.a[i].line, acc.a[i].name, acc.a[i].field);
+
+        } else {
+            rc = snprintf(out + used, outlen - used, "%.*s:%d: global \"%s\" "
+                          "is not available in the sandbox and is never "
+                          "assigned\n", (int) s->chunkname.len,
+                          s->chunkname.data, acc.a[i].line, acc.a[i].name);
+        }
+
+        if (rc > 0 && (size_t) rc < outlen - used) {
+            used += rc;
+        }
+
+        problems++;
+    }
+
+    for (i = 0; i < acc.n; i++) {
+        free(acc.a[i].name);
+        free(acc.a[i].field);
+    }
+
+    free(acc.a);
+
+    return problems;
+}

@@ -1,0 +1,225 @@
+/*
+ * ngx_http_sbx_module.h: types shared by the files of ngx_sbx_module.
+ *
+ * The .so holds several nginx modules, one per concern:
+ *   ngx_http_sbx_module            connectors, helper pools, content mode
+ *   ngx_http_sbx_ratelimit_module  sbx_rate_limit, sbx_redis (access phase)
+ *   ngx_http_sbx_residency_module  sbx_geoip_db, sbx_residency (access phase)
+ * They meet in the per-request context below, which the core module owns:
+ * every decision is recorded there, and the log phase reads it.
+ */
+
+#ifndef _NGX_HTTP_SBX_MODULE_H_INCLUDED_
+#define _NGX_HTTP_SBX_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "sbx_proto.h"
+
+
+/* decisions: audit "decision" and sbx_requests_total{decision} */
+typedef enum {
+    NGX_HTTP_SBX_ALLOWED = 0,
+    NGX_HTTP_SBX_RESIDENCY_DENIED,
+    NGX_HTTP_SBX_RATE_LIMITED,
+    NGX_HTTP_SBX_RETIRED,
+    NGX_HTTP_SBX_TRANSFORM_ERROR,
+    NGX_HTTP_SBX_TRANSFORM_TIMEOUT,
+    NGX_HTTP_SBX_OVERLOADED,
+    NGX_HTTP_SBX_SANDBOX_FAILURE,
+    NGX_HTTP_SBX_RATELIMIT_UNAVAILABLE,
+    NGX_HTTP_SBX_NDECISIONS
+} ngx_http_sbx_decision_e;
+
+
+typedef struct ngx_http_sbx_pool_s       ngx_http_sbx_pool_t;
+typedef struct ngx_http_sbx_connector_s  ngx_http_sbx_connector_t;
+typedef struct ngx_http_sbx_helper_s     ngx_http_sbx_helper_t;
+typedef struct ngx_http_sbx_call_s       ngx_http_sbx_call_t;
+
+
+/* one per sbx_pool; per worker state lives in `helpers` and `queue` */
+struct ngx_http_sbx_pool_s {
+    ngx_str_t                     name;
+    ngx_uint_t                    index;
+    ngx_uint_t                    size;
+    ngx_uint_t                    queue_max;
+    ngx_uint_t                    max_requests;
+    size_t                        memory;         /* helper RLIMIT_AS */
+    ngx_array_t                   connectors;     /* connector pointers */
+
+    /* worker-local */
+    ngx_http_sbx_helper_t        *helpers;
+    ngx_queue_t                   queue;          /* waiting calls */
+    ngx_uint_t                    queued;
+    ngx_uint_t                    restarts;
+    ngx_uint_t                    respawns_recent;
+    ngx_msec_t                    respawn_window;
+    ngx_event_t                   respawn_ev;
+
+    u_char                       *conf_file;
+    ngx_uint_t                    conf_line;
+};
+
+
+struct ngx_http_sbx_connector_s {
+    ngx_str_t                     name;
+    ngx_str_t                     script;         /* path */
+    ngx_str_t                     source;
+    u_char                        digest[32];
+    ngx_str_t                     digest_hex;
+    ngx_str_t                     pinned;         /* sha256 directive */
+    ngx_str_t                     version;
+    ngx_str_t                     owner;
+    ngx_str_t                     description;
+    ngx_uint_t                    state;
+    time_t                        sunset;
+    uint32_t                      caps;
+    ngx_array_t                  *cap_names;      /* ngx_str_t */
+    size_t                        memory;
+    ngx_uint_t                    instructions;
+    ngx_msec_t                    timeout;
+    ngx_str_t                     pool_name;
+    ngx_http_sbx_pool_t          *pool;
+    ngx_uint_t                    index;          /* within its pool */
+    ngx_uint_t                    hooks;          /* SBX_HAS_* */
+    ngx_uint_t                    seq;            /* declaration order */
+
+    u_char                       *conf_file;
+    ngx_uint_t                    conf_line;
+};
+
+
+typedef struct {
+    ngx_str_t                     helper_path;
+    ngx_flag_t                    require_pinned;
+    ngx_array_t                   pools;          /* ngx_http_sbx_pool_t * */
+    ngx_array_t                   connectors;     /* connector pointers */
+    ngx_int_t                     request_id_index;
+} ngx_http_sbx_main_conf_t;
+
+
+#define NGX_HTTP_SBX_STATE_BETA        0
+#define NGX_HTTP_SBX_STATE_GA          1
+#define NGX_HTTP_SBX_STATE_DEPRECATED  2
+#define NGX_HTTP_SBX_STATE_RETIRED     3
+
+
+typedef struct {
+    ngx_http_sbx_connector_t     *connector;
+    ngx_flag_t                    content;        /* no other handler */
+} ngx_http_sbx_loc_conf_t;
+
+
+/*
+ * Per-request context, shared by all sbx modules.  Fields left unset are
+ * written as null in the audit event.
+ */
+typedef struct {
+    ngx_http_sbx_connector_t     *connector;     /* NULL off connector routes */
+    ngx_http_sbx_decision_e       decision;
+    ngx_flag_t                    decided;        /* a decision was recorded */
+
+    ngx_str_t                     country;        /* "" when unknown */
+    ngx_str_t                     continent;
+    ngx_flag_t                    geo_done;
+
+    ngx_str_t                     limit;          /* denying limit's name */
+    ngx_int_t                     ratelimit_remaining;  /* -1: none */
+    ngx_flag_t                    ratelimit_fallback;
+
+    ngx_msec_t                    helper_ms;
+    ngx_msec_t                    redis_ms;
+    ngx_int_t                     helper_pid;     /* 0: none */
+
+    /* core: the call to the helper */
+    ngx_http_sbx_call_t          *call;
+    ngx_flag_t                    waiting;
+} ngx_http_sbx_ctx_t;
+
+
+extern ngx_module_t  ngx_http_sbx_module;
+
+extern const ngx_str_t  ngx_http_sbx_decision_names[];
+
+
+ngx_http_sbx_ctx_t *ngx_http_sbx_get_ctx(ngx_http_request_t *r);
+
+/*
+ * Records the decision and answers with the contract's JSON error body
+ * {"error":"<code>","request_id":"<id>"}; retry_after > 0 adds Retry-After.
+ * From an access-phase handler use it as
+ *     ngx_http_finalize_request(r, ngx_http_sbx_send_error(...));
+ *     return NGX_DONE;
+ */
+ngx_int_t ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_http_sbx_decision_e decision, time_t retry_after);
+
+void ngx_http_sbx_set_decision(ngx_http_request_t *r,
+    ngx_http_sbx_decision_e decision);
+
+/* $request_id of the main request (stable for the whole request) */
+void ngx_http_sbx_request_id(ngx_http_request_t *r, ngx_str_t *id);
+
+
+/* ngx_http_sbx_script.c */
+char *ngx_http_sbx_script_load(ngx_conf_t *cf,
+    ngx_http_sbx_main_conf_t *smcf, ngx_http_sbx_connector_t *c);
+
+/* ngx_http_sbx_pool.c */
+ngx_int_t ngx_http_sbx_pool_init_process(ngx_cycle_t *cycle,
+    ngx_http_sbx_main_conf_t *smcf);
+void ngx_http_sbx_pool_exit_process(ngx_cycle_t *cycle,
+    ngx_http_sbx_main_conf_t *smcf);
+
+/* a call finished: outcome is SBX_OUT_* or one of the codes below */
+#define NGX_HTTP_SBX_CALL_OVERLOADED   100
+#define NGX_HTTP_SBX_CALL_DIED         101
+#define NGX_HTTP_SBX_CALL_KILLED       102    /* wall-clock kill */
+#define NGX_HTTP_SBX_CALL_UNAVAILABLE  103    /* no helper could start */
+
+typedef void (*ngx_http_sbx_call_done_pt)(ngx_http_request_t *r,
+    ngx_http_sbx_call_t *call);
+
+struct ngx_http_sbx_call_s {
+    ngx_http_request_t           *request;
+    ngx_http_sbx_connector_t     *connector;
+    ngx_http_sbx_call_done_pt     done;
+    ngx_uint_t                    hook;           /* SBX_HOOK_* */
+
+    ngx_buf_t                    *out;            /* CALL frame */
+    ngx_queue_t                   queue;
+    ngx_http_sbx_helper_t        *helper;
+    ngx_msec_t                    start;
+    uint32_t                      id;
+
+    /* result */
+    ngx_uint_t                    outcome;
+    u_char                       *result;         /* RESULT payload */
+    size_t                        result_len;
+    ngx_str_t                     message;
+    uint64_t                      instructions;
+    uint64_t                      memory_peak;
+    uint32_t                      time_us;
+};
+
+ngx_int_t ngx_http_sbx_call_start(ngx_http_request_t *r,
+    ngx_http_sbx_call_t *call);
+void ngx_http_sbx_call_cancel(ngx_http_sbx_call_t *call);
+
+/* ngx_http_sbx_ipc.c */
+ngx_buf_t *ngx_http_sbx_ipc_request(ngx_http_request_t *r,
+    ngx_http_sbx_connector_t *c, ngx_uint_t hook, ngx_http_sbx_ctx_t *ctx);
+ngx_int_t ngx_http_sbx_ipc_result(ngx_http_request_t *r,
+    ngx_http_sbx_call_t *call, sbx_rd_t *rd);
+void ngx_http_sbx_ipc_log_lines(ngx_http_request_t *r,
+    ngx_http_sbx_call_t *call, sbx_rd_t *rd);
+
+/* ngx_http_sbx_content.c */
+ngx_int_t ngx_http_sbx_content_handler(ngx_http_request_t *r);
+
+
+#endif /* _NGX_HTTP_SBX_MODULE_H_INCLUDED_ */
