@@ -8,7 +8,7 @@
 #   make install    into Debian's nginx module directory
 
 TOP        := $(CURDIR)
-BUILD      := $(TOP)/build
+BUILD      ?= $(TOP)/build
 NGX_SRC    := /usr/share/nginx/src
 NGX_BUILD  := $(BUILD)/nginx
 MODDIR     ?= /usr/lib/nginx/modules
