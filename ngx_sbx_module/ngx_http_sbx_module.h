@@ -218,6 +218,37 @@ ngx_int_t ngx_http_sbx_ipc_result(ngx_http_request_t *r,
 void ngx_http_sbx_ipc_log_lines(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call, sbx_rd_t *rd);
 
+/*
+ * ngx_http_sbx_residency.c: fills ctx->country and ctx->continent from
+ * sbx_geoip_db for the client address realip settled on (once per request;
+ * empty strings when unknown or no database).  The core calls it before
+ * building req.client.
+ */
+ngx_int_t ngx_http_sbx_geo_lookup(ngx_http_request_t *r,
+    ngx_http_sbx_ctx_t *ctx);
+
+
+/*
+ * ngx_http_sbx_metrics.c: counters in shared memory, aggregated across
+ * workers (DESIGN.md section 8).  Pools report per-worker gauges and helper
+ * restarts; the rate limiter reports Redis errors and fallback decisions;
+ * request metrics are taken in the log phase from the context.
+ */
+#define NGX_HTTP_SBX_RESTART_EXIT      0   /* helper exited by itself */
+#define NGX_HTTP_SBX_RESTART_SIGNAL    1   /* killed by a signal */
+#define NGX_HTTP_SBX_RESTART_SECCOMP   2   /* SIGSYS: seccomp violation */
+#define NGX_HTTP_SBX_RESTART_TIMEOUT   3   /* killed by the worker: timeout */
+#define NGX_HTTP_SBX_RESTART_RECYCLE   4   /* max_requests or CPU budget */
+#define NGX_HTTP_SBX_RESTART_STARTUP   5   /* failed to start or load */
+#define NGX_HTTP_SBX_NRESTART_REASONS  6
+
+void ngx_http_sbx_metrics_pool(ngx_http_sbx_pool_t *pool, ngx_uint_t helpers,
+    ngx_uint_t queued);
+void ngx_http_sbx_metrics_restart(ngx_http_sbx_pool_t *pool,
+    ngx_uint_t reason);
+void ngx_http_sbx_metrics_redis_error(void);
+void ngx_http_sbx_metrics_fallback(void);
+
 /* ngx_http_sbx_content.c */
 ngx_int_t ngx_http_sbx_content_handler(ngx_http_request_t *r);
 
