@@ -209,6 +209,9 @@ sub write_conf {
     return $path;
 }
 
+# The generated nginx.conf text (placeholders replaced).
+sub conf_text { return $_[0]->_conf_text }
+
 # Line number in the generated nginx.conf of the first line matching $re
 # (a regexp or a literal string); undef if none.
 sub conf_line {
@@ -230,6 +233,8 @@ sub _nginx_cmd {
 
 sub _run {
     my (@cmd) = @_;
+    my $timeout = ref $cmd[0] eq 'HASH' ? shift(@cmd)->{timeout} : undef;
+    $timeout //= 60;
     my $pid = open my $fh, '-|';
     croak "fork: $!" unless defined $pid;
     if ($pid == 0) {
@@ -237,17 +242,42 @@ sub _run {
         open STDIN, '<', '/dev/null';
         exec { $cmd[0] } @cmd or POSIX::_exit(127);
     }
-    local $/;
-    my $out = <$fh> // '';
+    my $out = '';
+    my $deadline = time + $timeout;
+    my $timed_out = 0;
+    while (1) {
+        my $left = $deadline - time;
+        if ($left <= 0) {
+            $timed_out = 1;
+            kill 'KILL', $pid;
+            last;
+        }
+        my $rin = '';
+        vec($rin, fileno($fh), 1) = 1;
+        my $n = select(my $rout = $rin, undef, undef, $left > 0.5 ? 0.5 : $left);
+        next unless $n && $n > 0;
+        my $r = sysread($fh, my $buf, 65536);
+        last unless $r;
+        $out .= $buf;
+    }
     close $fh;
+    return (124, $out . "\n[timed out after ${timeout}s]\n") if $timed_out;
     my $rc = $? == -1 ? 127 : ($? & 127 ? 128 + ($? & 127) : $? >> 8);
     return ($rc, $out);
 }
 
+# Runs a command (list form, no shell) and returns ($exit_code, $output)
+# with stderr merged into the output; killed after $opts{timeout} seconds
+# (exit code 124 then).
+sub run_cmd {
+    my ($self, $cmd, %opts) = @_;
+    return _run({ timeout => $opts{timeout} }, @$cmd);
+}
+
 sub nginx_t {
-    my ($self) = @_;
+    my ($self, %opts) = @_;
     $self->write_conf;
-    return _run($self->_nginx_cmd('-t'));
+    return _run({ timeout => $opts{timeout} // 60 }, $self->_nginx_cmd('-t'));
 }
 
 # ---- error log ---------------------------------------------------------
@@ -618,6 +648,31 @@ sub raw_request {
     }
     close $s;
     return $out;
+}
+
+# Asserts (as one ok()) that $r is the module's error answer: status
+# $status, Content-Type application/json and a body that is exactly
+# {"error":"$code","request_id":"<id>"} (a trailing newline allowed).
+# Returns the request id, or undef.
+sub error_ok {
+    my ($self, $r, $status, $code, $name) = @_;
+    $name //= "$status $code";
+    my @why;
+    push @why, "status $r->{status}, expected $status"
+        if ($r->{status} // 0) != $status;
+    my $ct = $r->{headers}{'content-type'} // '';
+    $ct = join(',', @$ct) if ref $ct;
+    push @why, "content-type '$ct'" unless $ct =~ m{^application/json\b}i;
+    my $body = $r->{content} // '';
+    my $id;
+    if ($body =~ /\A\{"error":"\Q$code\E","request_id":"([^"\\\s]+)"\}\n?\z/) {
+        $id = $1;
+    } else {
+        push @why, "body '" . substr($body, 0, 300) . "'";
+    }
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    ok(!@why, $name) or diag(join('; ', @why));
+    return $id;
 }
 
 # ---- Redis -------------------------------------------------------------
