@@ -1,3 +1,4 @@
+SHELL := /bin/bash
 # ngx_sbx_module: build, test, run, bench, install.
 #
 #   make            module (build/ngx_http_sbx_module.so) and helper
@@ -19,8 +20,7 @@ CC         ?= cc
 SBX_CFLAGS ?= -O2 -g
 HELPER_CFLAGS := $(SBX_CFLAGS) -std=gnu11 -Wall -Wextra -Werror \
                  -Wno-unused-parameter -D_FORTIFY_SOURCE=2 \
-                 -fstack-protector-strong -fPIE \
-                 $(shell pkg-config --cflags lua5.4 2>/dev/null)
+                 -fstack-protector-strong -fPIE
 HELPER_LDFLAGS := -pie -Wl,-z,relro,-z,now
 HELPER_LIBS := -llua5.4-cjson -llua5.4 -lseccomp -lcrypto -lm
 
@@ -50,8 +50,8 @@ module: $(BUILD)/ngx_http_sbx_module.so
 
 $(BUILD)/sbx-lua-helper: $(HELPER_SRCS) $(HELPER_HDRS) | $(DEPS_STAMP)
 	@mkdir -p $(BUILD)
-	$(CC) $(HELPER_CFLAGS) -o $@ $(HELPER_SRCS) $(HELPER_LDFLAGS) \
-	    $(HELPER_LIBS)
+	$(CC) $(HELPER_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ \
+	    $(HELPER_SRCS) $(HELPER_LDFLAGS) $(HELPER_LIBS)
 
 $(NGX_BUILD)/Makefile: config | $(DEPS_STAMP)
 	rm -rf $(NGX_BUILD)

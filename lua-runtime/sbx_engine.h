@@ -19,8 +19,6 @@
 #define SBX_DEFAULT_TIMEOUT_MS    500
 
 /* hooks found when the top level ran at load time */
-#define SBX_HAS_REQUEST           1
-#define SBX_HAS_RESPONSE          2
 
 
 typedef struct sbx_engine_s  sbx_engine_t;

@@ -43,6 +43,10 @@
 #define SBX_HOOK_REQUEST        1
 #define SBX_HOOK_RESPONSE       2
 
+/* hooks a script defines (`check` reports them, the worker records them) */
+#define SBX_HAS_REQUEST         1
+#define SBX_HAS_RESPONSE        2
+
 /* capabilities: bit per module a connector may be given */
 #define SBX_CAP_JSON            0x0001
 #define SBX_CAP_BASE64          0x0002

@@ -55,10 +55,15 @@ struct ngx_http_sbx_pool_s {
     ngx_http_sbx_helper_t        *helpers;
     ngx_queue_t                   queue;          /* waiting calls */
     ngx_uint_t                    queued;
-    ngx_uint_t                    restarts;
-    ngx_uint_t                    respawns_recent;
-    ngx_msec_t                    respawn_window;
-    ngx_event_t                   respawn_ev;
+    ngx_uint_t                    alive;          /* helpers ready or busy */
+    u_char                       *init;           /* INIT frame */
+    size_t                        init_len;
+    ngx_str_t                     helper_path;
+    ngx_log_t                    *log;
+    ngx_array_t                   zombies;        /* pids not reaped yet */
+    ngx_event_t                   reap_ev;
+    ngx_uint_t                    deaths;         /* in the current second */
+    time_t                        deaths_sec;
 
     u_char                       *conf_file;
     ngx_uint_t                    conf_line;
@@ -76,7 +81,8 @@ struct ngx_http_sbx_connector_s {
     ngx_str_t                     owner;
     ngx_str_t                     description;
     ngx_uint_t                    state;
-    time_t                        sunset;
+    time_t                        sunset;         /* NGX_CONF_UNSET: none */
+    time_t                        deprecated;     /* configuration time */
     uint32_t                      caps;
     ngx_array_t                  *cap_names;      /* ngx_str_t */
     size_t                        memory;
@@ -87,9 +93,11 @@ struct ngx_http_sbx_connector_s {
     ngx_uint_t                    index;          /* within its pool */
     ngx_uint_t                    hooks;          /* SBX_HAS_* */
     ngx_uint_t                    seq;            /* declaration order */
+    ngx_array_t                   routes;         /* ngx_str_t: locations */
 
     u_char                       *conf_file;
     ngx_uint_t                    conf_line;
+    ngx_uint_t                    script_line;
 };
 
 
@@ -108,8 +116,17 @@ typedef struct {
 #define NGX_HTTP_SBX_STATE_RETIRED     3
 
 
+/* a location's "sbx_connector NAME;", resolved in merge */
+typedef struct {
+    ngx_str_t                     name;
+    u_char                       *file;
+    ngx_uint_t                    line;
+} ngx_http_sbx_ref_t;
+
+
 typedef struct {
     ngx_http_sbx_connector_t     *connector;
+    ngx_http_sbx_ref_t           *ref;
     ngx_flag_t                    content;        /* no other handler */
 } ngx_http_sbx_loc_conf_t;
 
@@ -192,6 +209,8 @@ struct ngx_http_sbx_call_s {
 
     ngx_buf_t                    *out;            /* CALL frame */
     ngx_queue_t                   queue;
+    ngx_event_t                   wait_ev;        /* queue wait limit */
+    ngx_flag_t                    queued;
     ngx_http_sbx_helper_t        *helper;
     ngx_msec_t                    start;
     uint32_t                      id;
@@ -204,6 +223,7 @@ struct ngx_http_sbx_call_s {
     uint64_t                      instructions;
     uint64_t                      memory_peak;
     uint32_t                      time_us;
+    ngx_int_t                     helper_pid;
 };
 
 ngx_int_t ngx_http_sbx_call_start(ngx_http_request_t *r,
@@ -211,12 +231,24 @@ ngx_int_t ngx_http_sbx_call_start(ngx_http_request_t *r,
 void ngx_http_sbx_call_cancel(ngx_http_sbx_call_t *call);
 
 /* ngx_http_sbx_ipc.c */
+
+/* the upstream's answer handed to a response hook */
+typedef struct {
+    ngx_uint_t                    status;
+    ngx_list_t                   *headers;
+    ngx_table_elt_t              *content_type;   /* or NULL */
+    ngx_chain_t                  *body;           /* NULL: no body */
+} ngx_http_sbx_upstream_answer_t;
+
 ngx_buf_t *ngx_http_sbx_ipc_request(ngx_http_request_t *r,
-    ngx_http_sbx_connector_t *c, ngx_uint_t hook, ngx_http_sbx_ctx_t *ctx);
+    ngx_http_sbx_connector_t *c, ngx_uint_t hook, ngx_http_sbx_ctx_t *ctx,
+    ngx_http_sbx_upstream_answer_t *res);
 ngx_int_t ngx_http_sbx_ipc_result(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call, sbx_rd_t *rd);
-void ngx_http_sbx_ipc_log_lines(ngx_http_request_t *r,
+ngx_int_t ngx_http_sbx_ipc_log_lines(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call, sbx_rd_t *rd);
+u_char *ngx_http_sbx_ipc_escape(u_char *dst, u_char *last, const u_char *src,
+    size_t len);
 
 /*
  * ngx_http_sbx_residency.c: fills ctx->country and ctx->continent from
