@@ -26,11 +26,14 @@
 #define NGX_HTTP_SBX_RESIDENCY_DENY      0
 #define NGX_HTTP_SBX_RESIDENCY_ALLOW     1
 
-/* $sbx_residency */
-#define NGX_HTTP_SBX_RESIDENCY_NONE      0
-#define NGX_HTTP_SBX_RESIDENCY_ALLOWED   1
-#define NGX_HTTP_SBX_RESIDENCY_DENIED    2
-#define NGX_HTTP_SBX_RESIDENCY_DRY_RUN   3
+/*
+ * $sbx_residency; not NGX_HTTP_SBX_RESIDENCY_DENIED, which is the decision
+ * of ngx_http_sbx_module.h that ngx_http_sbx_send_error() takes
+ */
+#define NGX_HTTP_SBX_RESULT_NONE         0
+#define NGX_HTTP_SBX_RESULT_ALLOWED      1
+#define NGX_HTTP_SBX_RESULT_DENIED       2
+#define NGX_HTTP_SBX_RESULT_DRY_RUN      3
 
 /* one bit per pair of letters AA..ZZ */
 #define NGX_HTTP_SBX_CC_BITS             (26 * 26)
@@ -364,7 +367,7 @@ ngx_http_sbx_residency_handler(ngx_http_request_t *r)
     rctx = ngx_http_get_module_ctx(r, ngx_http_sbx_residency_module);
 
     if (rctx == NULL) {
-        rctx = ngx_palloc(r->pool, sizeof(ngx_http_sbx_residency_ctx_t));
+        rctx = ngx_pcalloc(r->pool, sizeof(ngx_http_sbx_residency_ctx_t));
         if (rctx == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
@@ -401,7 +404,7 @@ ngx_http_sbx_residency_handler(ngx_http_request_t *r)
     }
 
     if (verdict == NGX_HTTP_SBX_RESIDENCY_ALLOW) {
-        rctx->result = NGX_HTTP_SBX_RESIDENCY_ALLOWED;
+        rctx->result = NGX_HTTP_SBX_RESULT_ALLOWED;
         return NGX_DECLINED;
     }
 
@@ -430,11 +433,11 @@ ngx_http_sbx_residency_handler(ngx_http_request_t *r)
     }
 
     if (rlcf->dry_run) {
-        rctx->result = NGX_HTTP_SBX_RESIDENCY_DRY_RUN;
+        rctx->result = NGX_HTTP_SBX_RESULT_DRY_RUN;
         return NGX_DECLINED;
     }
 
-    rctx->result = NGX_HTTP_SBX_RESIDENCY_DENIED;
+    rctx->result = NGX_HTTP_SBX_RESULT_DENIED;
 
     /* nginx knows no reason phrase for 451 (RFC 7725) */
     ngx_str_set(&r->headers_out.status_line,
@@ -729,7 +732,7 @@ ngx_http_sbx_residency_variable(ngx_http_request_t *r,
 
     rctx = ngx_http_get_module_ctx(r, ngx_http_sbx_residency_module);
 
-    if (rctx == NULL || rctx->result == NGX_HTTP_SBX_RESIDENCY_NONE) {
+    if (rctx == NULL || rctx->result == NGX_HTTP_SBX_RESULT_NONE) {
         v->not_found = 1;
         return NGX_OK;
     }
