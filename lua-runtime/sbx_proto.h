@@ -135,6 +135,9 @@ typedef struct {
  *   and for SBX_HOOK_RESPONSE: u32 status, u32 nheaders, headers,
  *   u8 has body, str body.
  *
+ * "u8 has body, str body" is always both fields: has body 0 means no body
+ * (nil in Lua) and comes with an empty str.
+ *
  * RESULT payload:
  *   u8 outcome, u64 instructions, u64 memory peak, u32 time (us),
  *   u32 helper cpu total (ms), u32 nlogs, per log: u8 level, str line,

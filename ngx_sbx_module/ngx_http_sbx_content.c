@@ -20,8 +20,6 @@ static ngx_int_t ngx_http_sbx_content_outcome(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call);
 static ngx_int_t ngx_http_sbx_content_fail(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call);
-static ngx_int_t ngx_http_sbx_content_send(ngx_http_request_t *r,
-    ngx_http_sbx_call_t *call, sbx_rd_t *rd);
 
 
 static ngx_str_t  ngx_http_sbx_hop_by_hop[] = {
@@ -201,6 +199,7 @@ ngx_http_sbx_content_outcome(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 {
     u_char                    *p, text[SBX_MAX_ERROR_MSG * 4];
     sbx_rd_t                   rd;
+    ngx_str_t                  id;
     ngx_uint_t                 status;
     ngx_http_sbx_decision_e    decision;
     ngx_http_sbx_connector_t  *c = call->connector;
@@ -247,11 +246,13 @@ ngx_http_sbx_content_outcome(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
     p = ngx_http_sbx_ipc_escape(text, text + sizeof(text),
                                 call->message.data, call->message.len);
 
+    ngx_http_sbx_request_id(r, &id);
+
     ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "sbx: connector \"%V\": %s: %*s (instructions: %uL, "
-                  "memory peak: %uL bytes, time: %uD us)",
-                  &c->name, sbx_outcome_name(call->outcome), p - text, text,
-                  call->instructions, call->memory_peak, call->time_us);
+                  "sbx: connector \"%V\" request %V: %s: %*s "
+                  "(instructions: %uL, memory peak: %uL bytes, time: %uD us)",
+                  &c->name, &id, sbx_outcome_name(call->outcome), p - text,
+                  text, call->instructions, call->memory_peak, call->time_us);
 
     return ngx_http_sbx_send_error(r, status, decision, 0);
 }
@@ -260,10 +261,11 @@ ngx_http_sbx_content_outcome(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 /*
  * Reads status, headers and body of a response table and sends it.  The
  * helper validated all of it; the worker checks again and answers 500 on
- * anything it would not put on the wire.
+ * anything it would not put on the wire.  Connector mode sends short-circuit
+ * and response-hook answers with it too.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_sbx_content_send(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
     sbx_rd_t *rd)
 {
@@ -303,8 +305,7 @@ ngx_http_sbx_content_send(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
     body.data = NULL;
     body.len = 0;
 
-    if (sbx_get_u8(rd, &has_body) != 0
-        || (has_body && sbx_get_str(rd, &body) != 0))
+    if (sbx_get_u8(rd, &has_body) != 0 || sbx_get_str(rd, &body) != 0)
     {
         goto invalid;
     }

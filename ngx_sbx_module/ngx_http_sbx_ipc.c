@@ -207,10 +207,11 @@ ngx_http_sbx_ipc_write(ngx_http_request_t *r, sbx_wr_t *w,
     } else if (r->headers_in.content_length_n > 0 || r->headers_in.chunked) {
         /* a body was announced and read, all of it empty */
         sbx_put_u8(w, 1);
-        sbx_put_u32(w, 0);
+        sbx_put_str(w, NULL, 0);
 
     } else {
         sbx_put_u8(w, 0);
+        sbx_put_str(w, NULL, 0);
     }
 
     if (hook != SBX_HOOK_RESPONSE) {
@@ -230,6 +231,7 @@ ngx_http_sbx_ipc_write(ngx_http_request_t *r, sbx_wr_t *w,
 
     } else {
         sbx_put_u8(w, 0);
+        sbx_put_str(w, NULL, 0);
     }
 
     return w->overflow ? NGX_ERROR : NGX_OK;

@@ -639,15 +639,13 @@ ngx_http_sbx_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_OK;
     }
 
-    ref = conf->ref;
+    /*
+     * connector mode: the request and response hooks run around the
+     * location's own handler (ngx_http_sbx_connector.c)
+     */
+    conf->content = 0;
 
-    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                  "\"sbx_connector\" with another content handler "
-                  "(connector mode around proxy_pass and the like) is not "
-                  "available in this version in %s:%ui",
-                  ref ? ref->file : (u_char *) "", ref ? ref->line : 0);
-
-    return NGX_CONF_ERROR;
+    return NGX_CONF_OK;
 }
 
 
@@ -775,7 +773,7 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                        &pool->size) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid size \"%V\" (expected 1 to %d)",
+                                   "invalid \"sbx_pool\" size \"%V\" (expected 1 to %d)",
                                    &value[i], NGX_HTTP_SBX_MAX_POOL_SIZE);
                 return NGX_CONF_ERROR;
             }
@@ -789,7 +787,7 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                        &pool->queue_max) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid queue \"%V\"", &value[i]);
+                                   "invalid \"sbx_pool\" queue \"%V\"", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -801,7 +799,7 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                        &pool->max_requests) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid max_requests \"%V\"", &value[i]);
+                                   "invalid \"sbx_pool\" max_requests \"%V\"", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -816,7 +814,7 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             if (size == NGX_ERROR || size < 64 * 1024 * 1024) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid memory \"%V\" (expected a size "
+                                   "invalid \"sbx_pool\" memory \"%V\" (expected a size "
                                    "of at least 64m)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -826,7 +824,7 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
+                           "invalid \"sbx_pool\" parameter \"%V\"", &value[i]);
         return NGX_CONF_ERROR;
     }
 
@@ -860,7 +858,11 @@ ngx_http_sbx_connector_block(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             && ngx_strncmp(cp[i]->name.data, value[1].data, value[1].len)
                == 0)
         {
-            return "is duplicate";
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "duplicate \"sbx_connector\" \"%V\", first "
+                               "declared in %s:%ui", &value[1],
+                               cp[i]->conf_file, cp[i]->conf_line);
+            return NGX_CONF_ERROR;
         }
     }
 
@@ -972,7 +974,7 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
             if (size == NGX_ERROR || size < 256 * 1024) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid memory \"%V\" (expected a size "
+                                   "invalid \"limits\" memory \"%V\" (expected a size "
                                    "of at least 256k)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -986,7 +988,7 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
             if (n == NGX_ERROR || n < 1000) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid instructions \"%V\" (expected a "
+                                   "invalid \"limits\" instructions \"%V\" (expected a "
                                    "number of at least 1000)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -1002,7 +1004,7 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
             if (ms == (ngx_msec_t) NGX_ERROR || ms == 0 || ms > 60000) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid timeout \"%V\" (expected a time "
+                                   "invalid \"limits\" timeout \"%V\" (expected a time "
                                    "from 1ms to 60s)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -1012,7 +1014,7 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
+                           "invalid \"limits\" parameter \"%V\"", &value[i]);
         return NGX_CONF_ERROR;
     }
 

@@ -348,7 +348,8 @@ sub _ppid_map {
 
 sub children_of {
     my ($self, $pid) = @_;
-    return sort { $a <=> $b } @{ _ppid_map()->{$pid} // [] };
+    my @s = sort { $a <=> $b } @{ _ppid_map()->{$pid} // [] };
+    return wantarray ? @s : scalar @s;
 }
 
 sub master_pid {
@@ -399,7 +400,8 @@ sub helper_pids {
     for my $w (@workers) {
         push @h, grep { _is_helper($_) } @{ $map->{$w} // [] };
     }
-    return sort { $a <=> $b } @h;
+    my @s = sort { $a <=> $b } @h;
+    return wantarray ? @s : scalar @s;   # a count in scalar context
 }
 
 # Helper pids grouped by worker: { worker_pid => [helper pids] }.
