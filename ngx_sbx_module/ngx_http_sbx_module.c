@@ -773,7 +773,8 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                        &pool->size) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"sbx_pool\" size \"%V\" (expected 1 to %d)",
+                                   "invalid \"sbx_pool\" size \"%V\" "
+                                   "(expected 1 to %d)",
                                    &value[i], NGX_HTTP_SBX_MAX_POOL_SIZE);
                 return NGX_CONF_ERROR;
             }
@@ -787,7 +788,8 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                        &pool->queue_max) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"sbx_pool\" queue \"%V\"", &value[i]);
+                                   "invalid \"sbx_pool\" queue \"%V\"",
+                                   &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -799,7 +801,8 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                        &pool->max_requests) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"sbx_pool\" max_requests \"%V\"", &value[i]);
+                                   "invalid \"sbx_pool\" max_requests "
+                                   "\"%V\"", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -814,7 +817,8 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             if (size == NGX_ERROR || size < 64 * 1024 * 1024) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"sbx_pool\" memory \"%V\" (expected a size "
+                                   "invalid \"sbx_pool\" memory \"%V\" "
+                                   "(expected a size "
                                    "of at least 64m)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -974,7 +978,8 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
             if (size == NGX_ERROR || size < 256 * 1024) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"limits\" memory \"%V\" (expected a size "
+                                   "invalid \"limits\" memory \"%V\" "
+                                   "(expected a size "
                                    "of at least 256k)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -988,7 +993,8 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
             if (n == NGX_ERROR || n < 1000) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"limits\" instructions \"%V\" (expected a "
+                                   "invalid \"limits\" instructions "
+                                   "\"%V\" (expected a "
                                    "number of at least 1000)", &value[i]);
                 return NGX_CONF_ERROR;
             }
@@ -1004,7 +1010,8 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
             if (ms == (ngx_msec_t) NGX_ERROR || ms == 0 || ms > 60000) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"limits\" timeout \"%V\" (expected a time "
+                                   "invalid \"limits\" timeout \"%V\" "
+                                   "(expected a time "
                                    "from 1ms to 60s)", &value[i]);
                 return NGX_CONF_ERROR;
             }
