@@ -284,5 +284,13 @@ void ngx_http_sbx_metrics_fallback(void);
 /* ngx_http_sbx_content.c */
 ngx_int_t ngx_http_sbx_content_handler(ngx_http_request_t *r);
 
+/*
+ * Sends the response table a RESULT carries (rd at its status); answers
+ * 500 transform_error on anything invalid.  Returns what a content handler
+ * returns.
+ */
+ngx_int_t ngx_http_sbx_content_send(ngx_http_request_t *r,
+    ngx_http_sbx_call_t *call, sbx_rd_t *rd);
+
 
 #endif /* _NGX_HTTP_SBX_MODULE_H_INCLUDED_ */
