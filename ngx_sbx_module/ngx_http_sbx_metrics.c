@@ -483,7 +483,7 @@ ngx_http_sbx_request_ms(ngx_http_request_t *r)
 u_char *
 ngx_http_sbx_json_str(u_char *dst, u_char *src, size_t len)
 {
-    u_char     *p, *last, *next;
+    u_char     *p, *q, *last, *next;
     uint32_t    ch;
     static u_char  hex[] = "0123456789abcdef";
 
@@ -499,7 +499,18 @@ ngx_http_sbx_json_str(u_char *dst, u_char *src, size_t len)
             next = p;
             ch = ngx_utf8_decode(&next, last - p);
 
-            if (ch > 0x10ffff) {
+            /*
+             * invalid, truncated, beyond U+10FFFF or a UTF-16 surrogate;
+             * ngx_utf8_decode() takes any byte >= 0x80 as a continuation
+             */
+
+            for (q = p + 1; q < next && ch <= 0x10ffff; q++) {
+                if (*q >= 0xc0) {
+                    ch = 0xffffffff;
+                }
+            }
+
+            if (ch > 0x10ffff || (ch >= 0xd800 && ch <= 0xdfff)) {
                 dst = ngx_cpymem(dst, "\\ufffd", 6);
                 p++;
                 continue;

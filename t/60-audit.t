@@ -191,6 +191,12 @@ $r = $t->get('/de', { headers => { 'X-Forwarded-For' => $A{de_be} } });
 is($r->{status}, 200, 'DE client: 200');
 push @sent, [ ok => 'allowed', 200, $r->{content} ];
 
+# header bytes that are not UTF-8 (a surrogate, a bad continuation, 0xff)
+my $raw = $t->raw_request("GET /ok HTTP/1.0\r\nHost: localhost\r\n"
+    . "X-Tenant: \xc3\xa9-\xed\xa0\x80-\xc3\xc3-\xff\r\n\r\n");
+like($raw // '', qr{^HTTP/1\.[01] 200 }, 'raw request with odd header bytes');
+push @sent, [ ok => 'allowed', 200, undef ];
+
 # three at once on a pool of one helper with a queue of one: one overloaded
 {
     my @kids;
@@ -298,6 +304,10 @@ cmp_ok($rec[1]{bytes_in}, '>=', 130, 'bytes_in counts the request body');
 is($rec[1]{country}, undef, 'country null for loopback (not in the database)');
 is($rec[1]{version}, '1.2.3', 'version on every line');
 is($rec[2]{version}, undef, 'version null when the connector has none');
+my ($odd) = grep { ($_->{headers}{'x-tenant'} // '') =~ /^\x{e9}-/ } @rec;
+is($odd->{headers}{'x-tenant'},
+   "\x{e9}-\x{fffd}\x{fffd}\x{fffd}-\x{fffd}\x{fffd}-\x{fffd}",
+   'header value: UTF-8 kept, invalid bytes and surrogates become U+FFFD');
 my $ret = $by{'old:retired'} // {};
 is($ret->{helper}, undef, 'retired: helper null (nothing ran)');
 is($ret->{helper_ms}, undef, 'retired: helper_ms null');
