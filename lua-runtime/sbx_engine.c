@@ -1157,7 +1157,8 @@ sbx_read_headers(lua_State *L, int idx, sbx_out_headers_t *out, char *err,
                     lua_remove(L, -2);
                 }
 
-                lua_insert(L, -4);
+                /* [key, array, value] -> [value, key, array] */
+                lua_insert(L, -3);
 
                 if (!sbx_host_owned(key.data, key.len)) {
                     out->h[out->n].name = key;
