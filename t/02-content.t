@@ -46,7 +46,9 @@ $t->write_file('teapot.lua', <<'EOF');
 return function(req)
   return {
     status = 418,
-    headers = { ["X-Brew"] = "earl grey", ["Cache-Control"] = "no-store" },
+    headers = { ["X-Brew"] = "earl grey", ["Cache-Control"] = "no-store",
+                ["X-Multi"] = { "one", 2 }, ["Content-Length"] = "999",
+                ["Connection"] = "close", ["X-Num"] = 7 },
     body = "short and stout\n",
   }
 end
@@ -158,6 +160,13 @@ is($r->{headers}{'x-brew'}, 'earl grey', 'teapot: custom header');
 is($r->{headers}{'cache-control'}, 'no-store', 'teapot: second header');
 is($r->{content}, "short and stout\n", 'teapot: body exactly');
 is($r->{headers}{'content-length'}, 16, 'teapot: content-length from body');
+is_deeply($r->{headers}{'x-multi'}, ['one', '2'],
+   'teapot: an array value is one field line per element');
+is($r->{headers}{'x-num'}, '7', 'teapot: a number value becomes a string');
+my $raw = $t->raw_request("GET /teapot HTTP/1.1\r\nHost: x\r\n\r\n",
+                          timeout => 1);
+like($raw, qr/^connection:\s*keep-alive\r?$/mi,
+       'teapot: hop-by-hop headers of the script are dropped');
 
 # --- the req table -----------------------------------------------------------
 
