@@ -156,7 +156,9 @@ ngx_http_sbx_audit_log_handler(ngx_http_request_t *r)
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_sbx_audit_module);
 
-    if (amcf->file == NULL || amcf->sh == NULL) {
+    /* a subrequest (log_subrequest on) is not a request of its own */
+
+    if (amcf->file == NULL || amcf->sh == NULL || r != r->main) {
         return NGX_OK;
     }
 

@@ -572,6 +572,12 @@ ngx_http_sbx_metrics_log_handler(ngx_http_request_t *r)
     ngx_http_sbx_metrics_conn_t       *mc;
     ngx_http_sbx_metrics_main_conf_t  *mmcf;
 
+    /* a subrequest (log_subrequest on) is counted with its main request */
+
+    if (r != r->main) {
+        return NGX_OK;
+    }
+
     ctx = ngx_http_sbx_log_ctx(r);
     if (ctx == NULL) {
         return NGX_OK;
