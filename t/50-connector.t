@@ -145,7 +145,7 @@ return {
 }
 EOF
 
-# ---- upstream content --------------------------------------------------------
+# ---- upstream content ------------------------------------------------------
 
 my $small = join('', map { chr(32 + $_ % 90) } 0 .. 60_000);
 my $big = 'x' x 200_000;
@@ -165,16 +165,26 @@ sbx_pool up size=2;
 sbx_pool conn size=2;
 sbx_pool cnt size=1 max_requests=2;
 
-sbx_connector upecho { script %%PREFIX%%/upecho.lua; capabilities json; pool up; }
-sbx_connector upslow { script %%PREFIX%%/upslow.lua; limits timeout=3s; pool up; }
+sbx_connector upecho {
+    script %%PREFIX%%/upecho.lua; capabilities json; pool up;
+}
+sbx_connector upslow {
+    script %%PREFIX%%/upslow.lua; limits timeout=3s; pool up;
+}
 sbx_connector rewrite { script %%PREFIX%%/rewrite.lua; pool conn; }
 sbx_connector short { script %%PREFIX%%/short.lua; pool conn; }
 sbx_connector resp { script %%PREFIX%%/resp.lua; pool conn; }
 sbx_connector both { script %%PREFIX%%/both.lua; capabilities json; pool conn; }
 sbx_connector size { script %%PREFIX%%/size.lua; pool conn; }
 sbx_connector down { script %%PREFIX%%/down.lua; pool conn; }
-sbx_connector reqerr { script %%PREFIX%%/reqerr.lua; limits timeout=200ms; pool conn; }
-sbx_connector resperr { script %%PREFIX%%/resperr.lua; limits timeout=200ms; pool conn; }
+sbx_connector reqerr {
+    script %%PREFIX%%/reqerr.lua; limits timeout=200ms instructions=1000000000;
+    pool conn;
+}
+sbx_connector resperr {
+    script %%PREFIX%%/resperr.lua; limits timeout=200ms instructions=1000000000;
+    pool conn;
+}
 sbx_connector count { script %%PREFIX%%/count.lua; pool cnt; }
 
 upstream backend {
@@ -190,6 +200,12 @@ server {
     location /slow { sbx_connector upslow; }
     location /chunked/ { ssi on; ssi_types *; }
     location /files/ { }
+    location /gz/ {
+        alias %%PREFIX%%/html/files/;
+        gzip on;
+        gzip_types *;
+        gzip_min_length 0;
+    }
     location /fail { return 503 "upstream failure\n"; }
 }
 
@@ -210,8 +226,14 @@ server {
     location /plain/   { proxy_pass http://backend/; }
     location /pass/    { sbx_connector rewrite; proxy_pass http://backend/; }
     location /nohook/  { sbx_connector count; proxy_pass http://backend/; }
-    location /down/    { sbx_connector down; proxy_pass http://127.0.0.1:%%PORT3%%; }
-    location /downraw/ { sbx_connector rewrite; proxy_pass http://127.0.0.1:%%PORT3%%; }
+    location /down/ {
+        sbx_connector down;
+        proxy_pass http://127.0.0.1:%%PORT3%%;
+    }
+    location /downraw/ {
+        sbx_connector rewrite;
+        proxy_pass http://127.0.0.1:%%PORT3%%;
+    }
     location /slowup/  {
         sbx_connector down;
         proxy_read_timeout 300ms;
@@ -233,7 +255,7 @@ sub upstream_hits {
     return scalar grep { /$re/ } split /\n/, $log;
 }
 
-# ---- request hook: rewrite -------------------------------------------------------
+# ---- request hook: rewrite -------------------------------------------------
 
 my $r = $t->post('/rw/path?a=1', 'hello body',
                  { headers => { 'X-Remove' => 'gone', 'X-Keep' => 'kept',
@@ -287,7 +309,7 @@ $r = $t->post('/rw/large', 'b' x 300_000);
 $e = doc($r);
 is(length($e->{body} // ''), 300_002, 'large body rewritten and forwarded');
 
-# ---- short-circuit -----------------------------------------------------------------
+# ---- short-circuit ---------------------------------------------------------
 
 my $before = upstream_hits(qr{/short/});
 $r = $t->get('/short/x');
@@ -301,7 +323,7 @@ is(upstream_hits(qr{/short/x }), 0, 'short-circuit: upstream never contacted')
     ;
 is(upstream_hits(qr{/short/x\?pass=1 }), 1, 'passed request: upstream hit');
 
-# ---- response hook -------------------------------------------------------------------
+# ---- response hook ---------------------------------------------------------
 
 $r = $t->get('/resp/files/small');
 is($r->{status}, 201, 'response hook: status changed');
@@ -323,6 +345,19 @@ ok(!defined $r->{headers}{'transfer-encoding'}
 $r = $t->get('/resp/chunked/small');
 is($r->{content}, 'wrapped:' . length($small) . ':' . $small,
    'response hook: chunked upstream answer buffered whole');
+
+# 200 kB: more than the proxy buffers hold, so part of it went through a
+# temporary file; the hook still gets it whole, in memory
+$r = $t->get('/resp/files/big');
+is($r->{content}, 'wrapped:200000:' . $big,
+   'response hook: answer larger than the proxy buffers');
+
+# a gzip'd upstream answer reaches the script as the compressed bytes it is
+# (with its content-encoding header); clear Accept-Encoding upstream to get
+# plain text
+$r = $t->get('/resp/gz/small', { headers => { 'Accept-Encoding' => 'gzip' } });
+like($r->{content}, qr/^wrapped:\d+:\x1f\x8b/,
+     'response hook: gzip answer handed over compressed');
 
 $r = $t->get('/resp/files/binary');
 is($r->{content}, 'wrapped:4096:' . $binary, 'response hook: binary body');
@@ -355,7 +390,7 @@ ok($t->wait_for(sub { substr($t->error_log, $log_len)
                       =~ /pool "cnt" recycled after 2/ }, 5),
    'second request: the helper served exactly two calls');
 
-# ---- no response hook: streamed untouched --------------------------------------------
+# ---- no response hook: streamed untouched ----------------------------------
 
 $r = $t->get('/pass/files/huge');
 is($r->{status}, 200, 'no response hook: 200');
@@ -364,7 +399,7 @@ ok($r->{content} eq $huge, 'no response hook: 1.2 MB body untouched')
 $r = $t->get('/pass/chunked/big');
 ok($r->{content} eq $big, 'no response hook: chunked body untouched');
 
-# ---- sbx_response_buffer ---------------------------------------------------------------
+# ---- sbx_response_buffer ---------------------------------------------------
 
 $r = $t->get('/size/files/small');
 is($r->{status}, 200, 'under the cap: 200');
@@ -385,7 +420,7 @@ is($r->{status}, 200, 'after overflow: next request fine');
 $r = $t->get('/resp/files/huge');
 $t->error_ok($r, 502, 'transform_error', 'over the default 1m cap: 502');
 
-# ---- upstream down and slow --------------------------------------------------------------
+# ---- upstream down and slow ------------------------------------------------
 
 $r = $t->get('/downraw/x');
 is($r->{status}, 502, 'upstream down, no response hook: nginx 502');
@@ -399,14 +434,14 @@ $r = $t->get('/slowup/');
 is($r->{status}, 503, 'upstream timeout, response hook decides');
 is($r->{content}, 'upstream said 504', 'response hook sees 504');
 
-# ---- both hooks: isolation ------------------------------------------------------------------
+# ---- both hooks: isolation -------------------------------------------------
 
 $r = $t->get('/both/x');
 is($r->{status}, 200, 'both hooks: 200');
 is($r->{content}, 'nil|/echo/both|request|/echo/both|request',
    'both hooks: request-hook global not visible, req is what upstream got');
 
-# ---- failures ----------------------------------------------------------------------------
+# ---- failures --------------------------------------------------------------
 
 $log_len = length $t->error_log;
 $r = $t->get('/reqerr/x');
@@ -415,7 +450,8 @@ $r = $t->get('/reqerr/x?bad=1');
 $t->error_ok($r, 500, 'transform_error', 'request hook bad return: 500');
 $r = $t->get('/reqerr/x?loop=1');
 $t->error_ok($r, 504, 'transform_timeout', 'request hook timeout: 504');
-is(upstream_hits(qr{/reqerr/}), 0, 'failed request hook: upstream not contacted');
+is(upstream_hits(qr{/reqerr/}), 0,
+   'failed request hook: upstream not contacted');
 
 $r = $t->get('/resperr/files/small');
 $t->error_ok($r, 500, 'transform_error', 'response hook error: 500');
@@ -429,7 +465,7 @@ like($log, qr/request hook.*request-hook-marker/, 'request hook error logged');
 like($log, qr/response hook.*response-hook-marker/,
      'response hook error logged');
 
-# ---- keepalive to the upstream, many requests -------------------------------------------------
+# ---- keepalive to the upstream, many requests ------------------------------
 
 my $ok = 0;
 for my $i (1 .. 20) {
