@@ -219,8 +219,9 @@ EOF
     my $n = $b->conf_line('sbx_redis');
     my ($rc, $out) = $b->nginx_t;
     isnt($rc, 0, 'sbx_redis without a port fails');
-    like($out, qr/"sbx_redis": invalid address "127\.0\.0\.1"[^\n]*
-                  expected\ host:port\ or\ unix:\/path[^\n]*:$n\b/x,
+    my $want = '"sbx_redis": invalid address "127.0.0.1", expected '
+             . 'host:port or unix:/path in ' . $b->conf_path . ":$n";
+    like($out, qr/\Q$want\E\b/,
          'sbx_redis address error names directive, expectation, line');
     $b->cleanup;
 }
