@@ -606,7 +606,9 @@ ngx_http_sbx_helper_gone(ngx_http_sbx_helper_t *h, ngx_uint_t why)
             pool->deaths = 0;
         }
 
-        if (++pool->deaths > 10 * pool->size) {
+        if (why != NGX_HTTP_SBX_GONE_RECYCLED
+            && ++pool->deaths > 10 * pool->size)
+        {
             /* a crash loop: respawn at a bounded rate */
             ngx_add_timer(&h->respawn_ev, 1000);
 
@@ -850,6 +852,7 @@ ngx_http_sbx_helper_read(ngx_event_t *rev)
     size_t                  need, start;
     ssize_t                 n;
     u_char                 *p;
+    ngx_pid_t               pid;
     sbx_frame_hdr_t         fh;
     ngx_connection_t       *c = rev->data;
     ngx_http_sbx_helper_t  *h = c->data;
@@ -917,9 +920,16 @@ ngx_http_sbx_helper_read(ngx_event_t *rev)
                 break;
             }
 
+            pid = h->pid;
+
+            /*
+             * a frame may end this helper (recycling, protocol error) and
+             * start its successor in the same slot, with fresh buffers
+             */
             if (ngx_http_sbx_helper_frame(h, &fh, h->ibuf + start
                                                   + SBX_FRAME_HDR_SIZE)
-                != NGX_OK)
+                != NGX_OK
+                || h->pid != pid)
             {
                 return;
             }
