@@ -965,6 +965,7 @@ ngx_http_sbx_assign(ngx_http_sbx_helper_t *h, ngx_http_sbx_call_t *call)
     h->discard = 0;
 
     call->helper = h;
+    call->helper_pid = h->pid;
     call->id = ++h->next_id;
     call->start = ngx_current_msec;
 
