@@ -13,6 +13,7 @@
 #include <lauxlib.h>
 #include <lua-cjson.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
@@ -245,9 +246,7 @@ sbx_b64_decode(lua_State *L, int url, const char *fn)
 
 invalid:
 
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: invalid input", fn);
-    return 2;
+    return luaL_error(L, "%s: invalid base64 input", fn);
 }
 
 
@@ -368,9 +367,7 @@ sbx_hex_decode(lua_State *L)
 
 invalid:
 
-    lua_pushnil(L);
-    lua_pushliteral(L, "hex.decode: invalid input");
-    return 2;
+    return luaL_error(L, "hex.decode: invalid hex input");
 }
 
 
@@ -567,12 +564,39 @@ sbx_json_instance(lua_State *L)
 }
 
 
+/*
+ * libcrypto sets itself up on first use: pthread_once (a futex wake), the
+ * provider tables, and an atexit handler.  None of that may happen under
+ * the seccomp filter, so the engine calls this before the sandbox; no
+ * configuration file is read, and nothing runs at exit.
+ */
+
+int
+sbx_caps_init(void)
+{
+    unsigned int   mdlen;
+    unsigned char  md[EVP_MAX_MD_SIZE];
+
+    if (OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG
+                            | OPENSSL_INIT_NO_ATEXIT, NULL) != 1)
+    {
+        return -1;
+    }
+
+    if (EVP_Digest("", 0, md, &mdlen, EVP_sha256(), NULL) != 1
+        || HMAC(EVP_sha256(), "k", 1, (const unsigned char *) "", 0, md,
+                &mdlen) == NULL)
+    {
+        return -1;
+    }
+
+    return 0;
+}
+
+
 int
 sbx_caps_open(lua_State *L, uint32_t cap)
 {
-    unsigned char  md[EVP_MAX_MD_SIZE];
-    unsigned int   mdlen;
-
     switch (cap) {
 
     case SBX_CAP_JSON:
@@ -599,18 +623,12 @@ sbx_caps_open(lua_State *L, uint32_t cap)
         return 0;
 
     case SBX_CAP_SHA256:
+        /* libcrypto was set up by sbx_caps_init(), before the sandbox */
+        luaL_newlib(L, sbx_sha256_funcs);
+        return 0;
+
     case SBX_CAP_HMAC:
-        /* first use initialises libcrypto: do it before the sandbox */
-        (void) EVP_Digest("", 0, md, &mdlen, EVP_sha256(), NULL);
-        (void) HMAC(EVP_sha256(), "k", 1, (const unsigned char *) "", 0, md,
-                    &mdlen);
-
-        if (cap == SBX_CAP_SHA256) {
-            luaL_newlib(L, sbx_sha256_funcs);
-        } else {
-            luaL_newlib(L, sbx_hmac_funcs);
-        }
-
+        luaL_newlib(L, sbx_hmac_funcs);
         return 0;
 
     case SBX_CAP_LOG:

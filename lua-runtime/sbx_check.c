@@ -17,9 +17,31 @@
 #include "sbx_check.h"
 
 
+#define SBX_OP_LOADK        3
+#define SBX_OP_LOADKX       4
+#define SBX_OP_LOADNIL      8
+#define SBX_OP_GETUPVAL     9
+#define SBX_OP_SETUPVAL     10
 #define SBX_OP_GETTABUP     11
+#define SBX_OP_GETTABLE     12
 #define SBX_OP_GETFIELD     14
 #define SBX_OP_SETTABUP     15
+#define SBX_OP_SETTABLE     16
+#define SBX_OP_SETI         17
+#define SBX_OP_SETFIELD     18
+#define SBX_OP_SELF         20
+#define SBX_OP_MMBIN        46
+#define SBX_OP_MMBINK       48
+#define SBX_OP_CLOSE        54
+#define SBX_OP_JMP          56
+#define SBX_OP_TEST         66
+#define SBX_OP_CALL         68
+#define SBX_OP_RETURN1      72
+#define SBX_OP_FORLOOP      73
+#define SBX_OP_TFORLOOP     77
+#define SBX_OP_SETLIST      78
+#define SBX_OP_VARARG       80
+#define SBX_OP_EXTRAARG     82
 
 #define SBX_ABSLINEINFO     (-0x80)
 
@@ -27,6 +49,10 @@
 #define SBX_GET_A(i)        (((i) >> 7) & 0xff)
 #define SBX_GET_B(i)        (((i) >> 16) & 0xff)
 #define SBX_GET_C(i)        (((i) >> 24) & 0xff)
+#define SBX_GET_BX(i)       ((i) >> 15)
+#define SBX_GET_AX(i)       ((i) >> 7)
+
+#define SBX_NREGS           256
 
 #define SBX_MAX_DEPTH       250
 
@@ -44,6 +70,29 @@ typedef struct {
     const uint8_t      *s;
     size_t              len;
 } sbx_kstr_t;
+
+
+/*
+ * With more than 256 constants, a global's name does not fit an operand:
+ * the compiler loads _ENV with GETUPVAL and the name with LOADK (or
+ * LOADKX), then uses GETTABLE/SETTABLE.  Registers are followed along the
+ * code: which hold _ENV, which hold a constant.
+ */
+
+typedef struct {
+    uint8_t             env[SBX_NREGS];
+    int32_t             k[SBX_NREGS];
+} sbx_regs_t;
+
+
+static void
+sbx_regs_reset(sbx_regs_t *r, unsigned from)
+{
+    for ( /* void */ ; from < SBX_NREGS; from++) {
+        r->env[from] = 0;
+        r->k[from] = -1;
+    }
+}
 
 
 static size_t
@@ -112,6 +161,165 @@ sbx_string(sbx_dump_t *d)
 }
 
 
+static const sbx_kstr_t *
+sbx_kname(const sbx_kstr_t *ks, size_t nk, size_t idx)
+{
+    return idx < nk && ks[idx].s ? &ks[idx] : NULL;
+}
+
+
+/* one instruction: reports global reads and writes, follows registers */
+
+static void
+sbx_scan(sbx_dump_t *d, sbx_regs_t *r, const uint8_t *code, size_t ncode,
+    size_t i, uint32_t ins, size_t env, const sbx_kstr_t *ks, size_t nk,
+    int line)
+{
+    unsigned           op, a, b, c;
+    uint32_t           next;
+    const sbx_kstr_t  *name = NULL, *field = NULL;
+
+    op = SBX_GET_OP(ins);
+    a = SBX_GET_A(ins);
+    b = SBX_GET_B(ins);
+    c = SBX_GET_C(ins);
+
+    switch (op) {
+
+    case SBX_OP_GETTABUP:
+        if (b == env) {
+            name = sbx_kname(ks, nk, c);
+        }
+
+        break;
+
+    case SBX_OP_GETTABLE:
+        if (r->env[b] && r->k[c] >= 0) {
+            name = sbx_kname(ks, nk, (size_t) r->k[c]);
+        }
+
+        break;
+
+    case SBX_OP_GETFIELD:
+        if (r->env[b]) {
+            name = sbx_kname(ks, nk, c);
+        }
+
+        break;
+
+    case SBX_OP_SETTABUP:
+        if (a == env && (name = sbx_kname(ks, nk, b)) != NULL) {
+            d->cb(d->data, 1, (const char *) name->s, name->len, NULL, 0,
+                  line);
+        }
+
+        return;
+
+    case SBX_OP_SETTABLE:
+        if (r->env[a] && r->k[b] >= 0
+            && (name = sbx_kname(ks, nk, (size_t) r->k[b])) != NULL)
+        {
+            d->cb(d->data, 1, (const char *) name->s, name->len, NULL, 0,
+                  line);
+        }
+
+        return;
+
+    case SBX_OP_SETFIELD:
+        if (r->env[a] && (name = sbx_kname(ks, nk, b)) != NULL) {
+            d->cb(d->data, 1, (const char *) name->s, name->len, NULL, 0,
+                  line);
+        }
+
+        return;
+
+    case SBX_OP_GETUPVAL:
+        r->env[a] = b == env;
+        r->k[a] = -1;
+        return;
+
+    case SBX_OP_LOADK:
+        r->env[a] = 0;
+        r->k[a] = (int32_t) SBX_GET_BX(ins);
+        return;
+
+    case SBX_OP_LOADKX:
+        r->env[a] = 0;
+        r->k[a] = -1;
+
+        if (i + 1 < ncode) {
+            memcpy(&next, code + (i + 1) * 4, 4);
+
+            if (SBX_GET_OP(next) == SBX_OP_EXTRAARG) {
+                r->k[a] = (int32_t) SBX_GET_AX(next);
+            }
+        }
+
+        return;
+
+    /* instructions that write no register */
+    case SBX_OP_SETUPVAL:
+    case SBX_OP_SETI:
+    case SBX_OP_CLOSE:
+    case SBX_OP_SETLIST:
+    case SBX_OP_EXTRAARG:
+        return;
+
+    /* instructions that may write a run of registers from A on */
+    case SBX_OP_LOADNIL:
+    case SBX_OP_SELF:
+    case SBX_OP_CALL:
+    case SBX_OP_VARARG:
+        sbx_regs_reset(r, a);
+        return;
+
+    default:
+        if ((op >= SBX_OP_MMBIN && op <= SBX_OP_MMBINK)
+            || (op >= SBX_OP_JMP && op <= SBX_OP_TEST)
+            || (op > SBX_OP_CALL && op <= SBX_OP_RETURN1))
+        {
+            return;
+        }
+
+        if (op >= SBX_OP_FORLOOP && op <= SBX_OP_TFORLOOP) {
+            sbx_regs_reset(r, a);
+            return;
+        }
+
+        r->env[a] = 0;
+        r->k[a] = -1;
+        return;
+    }
+
+    /* a read: GETTABUP, GETTABLE or GETFIELD into register A */
+
+    r->env[a] = 0;
+    r->k[a] = -1;
+
+    if (name == NULL) {
+        return;
+    }
+
+    /* `os.execute`: the next instruction reads a field of the result */
+    if (i + 1 < ncode) {
+        memcpy(&next, code + (i + 1) * 4, 4);
+
+        if (SBX_GET_OP(next) == SBX_OP_GETFIELD && SBX_GET_B(next) == a) {
+            field = sbx_kname(ks, nk, SBX_GET_C(next));
+
+        } else if (SBX_GET_OP(next) == SBX_OP_GETTABLE
+                   && SBX_GET_B(next) == a && r->k[SBX_GET_C(next)] >= 0)
+        {
+            field = sbx_kname(ks, nk, (size_t) r->k[SBX_GET_C(next)]);
+        }
+    }
+
+    d->cb(d->data, 0, (const char *) name->s, name->len,
+          field ? (const char *) field->s : NULL, field ? field->len : 0,
+          line);
+}
+
+
 static int
 sbx_function(sbx_dump_t *d, int depth)
 {
@@ -119,7 +327,8 @@ sbx_function(sbx_dump_t *d, int depth)
     size_t            ncode, nk, nup, nproto, nline, nabs, nloc, nupname, i;
     size_t            env, k;
     uint8_t           tag;
-    uint32_t          ins, next;
+    uint32_t          ins;
+    sbx_regs_t        regs;
     const uint8_t    *code, *lineinfo;
     sbx_kstr_t       *ks = NULL, *upnames = NULL;
     size_t           *abspc = NULL;
@@ -244,6 +453,7 @@ sbx_function(sbx_dump_t *d, int depth)
 
     line = linedefined;
     k = 0;
+    sbx_regs_reset(&regs, 0);
 
     for (i = 0; i < ncode; i++) {
         if (i < nline) {
@@ -268,36 +478,7 @@ sbx_function(sbx_dump_t *d, int depth)
         }
 
         memcpy(&ins, code + i * 4, 4);
-
-        if (SBX_GET_OP(ins) == SBX_OP_GETTABUP && SBX_GET_B(ins) == env
-            && SBX_GET_C(ins) < nk && ks[SBX_GET_C(ins)].s)
-        {
-            sbx_kstr_t  *name = &ks[SBX_GET_C(ins)], *field = NULL;
-
-            if (i + 1 < ncode) {
-                memcpy(&next, code + (i + 1) * 4, 4);
-
-                if (SBX_GET_OP(next) == SBX_OP_GETFIELD
-                    && SBX_GET_B(next) == SBX_GET_A(ins)
-                    && SBX_GET_C(next) < nk && ks[SBX_GET_C(next)].s)
-                {
-                    field = &ks[SBX_GET_C(next)];
-                }
-            }
-
-            d->cb(d->data, 0, (const char *) name->s, name->len,
-                  field ? (const char *) field->s : NULL,
-                  field ? field->len : 0, line);
-
-        } else if (SBX_GET_OP(ins) == SBX_OP_SETTABUP
-                   && SBX_GET_A(ins) == env
-                   && SBX_GET_B(ins) < nk && ks[SBX_GET_B(ins)].s)
-        {
-            sbx_kstr_t  *name = &ks[SBX_GET_B(ins)];
-
-            d->cb(d->data, 1, (const char *) name->s, name->len, NULL, 0,
-                  line);
-        }
+        sbx_scan(d, &regs, code, ncode, i, ins, env, ks, nk, line);
     }
 
     rc = 0;

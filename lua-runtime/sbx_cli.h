@@ -13,6 +13,9 @@
 
 int sbx_run(int argc, char **argv);
 
+/* sbx_read_file(): -1, or this when the file is larger than `max` */
+#define SBX_FILE_TOO_LARGE  (-2)
+
 int sbx_read_file(const char *path, char **data, size_t *len, size_t max,
     char *err, size_t errlen);
 int sbx_parse_limits(const char *list, sbx_script_t *s, char *err,

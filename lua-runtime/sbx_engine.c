@@ -34,6 +34,11 @@
 #include "sbx_check.h"
 
 
+/* luaL_loadbufferx's own message for this names no file or line */
+#define SBX_BINARY_CHUNK                                                      \
+    "precompiled (binary) chunks are refused: give the Lua source text"
+
+
 typedef struct {
     char               *name;
     int                 chunk_ref;      /* compiled top level */
@@ -54,6 +59,8 @@ struct sbx_engine_s {
     size_t              limit;          /* 0: none */
     size_t              peak;
     int                 refused;
+    void               *refused_ptr;    /* the refused request */
+    size_t              refused_size;
 
     /* current call */
     uint64_t            instructions;
@@ -110,19 +117,29 @@ sbx_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         return NULL;
     }
 
+    /*
+     * Lua runs an emergency collection after a refusal and asks again
+     * once, for the same block and size: a second refusal is a real trip.
+     * A refusal that is not asked again (luaL_Buffer calls the allocator
+     * directly and raises a plain error) is a trip as well.  Either stays
+     * recorded even if the script catches the error.
+     */
+    if (e->refused && nsize != 0
+        && (ptr != e->refused_ptr || nsize != e->refused_size))
+    {
+        e->tripped = SBX_TRIP_MEMORY;
+    }
+
     if (nsize > old && e->limit
         && (nsize - old > e->limit || e->used + (nsize - old) > e->limit))
     {
-        /*
-         * Lua runs an emergency collection after a refusal and asks again
-         * once: a second refusal in a row is a real trip, and it stays
-         * recorded even if the script catches the error.
-         */
         if (e->refused) {
             e->tripped = SBX_TRIP_MEMORY;
         }
 
         e->refused = 1;
+        e->refused_ptr = ptr;
+        e->refused_size = nsize;
         return NULL;
     }
 
@@ -260,19 +277,23 @@ sbx_log_args(lua_State *L, int level, const char *fname)
     n = lua_gettop(L);
     luaL_buffinit(L, &b);
 
+    /*
+     * The buffer's box stays on the top of the stack: each argument is
+     * pushed, cut, and taken with luaL_addvalue, never added from below.
+     */
     for (i = 1; i <= n; i++) {
-        s = luaL_tolstring(L, i, &len);
-
         if (i > 1) {
             luaL_addchar(&b, '\t');
         }
 
+        s = luaL_tolstring(L, i, &len);
+
         if (len > SBX_MAX_LOG_BYTES) {
-            len = SBX_MAX_LOG_BYTES;
+            lua_pushlstring(L, s, SBX_MAX_LOG_BYTES);
+            lua_remove(L, -2);
         }
 
-        luaL_addlstring(&b, s, len);
-        lua_pop(L, 1);
+        luaL_addvalue(&b);
     }
 
     luaL_pushresult(&b);
@@ -334,6 +355,13 @@ sbx_engine_create(char *err, size_t errlen)
     }
 
     e->rng[0] |= 1;
+
+    /* libcrypto's one-time setup reads files and wakes futexes */
+    if (sbx_caps_init() != 0) {
+        snprintf(err, errlen, "libcrypto initialisation failed");
+        free(e);
+        return NULL;
+    }
 
     L = lua_newstate(sbx_alloc, e);
     if (L == NULL) {
@@ -544,6 +572,13 @@ sbx_call_end(sbx_engine_t *e)
 {
     lua_sethook(e->L, NULL, 0, 0);
     e->limit = 0;
+
+    /* a refusal nobody asked again for */
+    if (e->refused && e->tripped == SBX_TRIP_NONE) {
+        e->tripped = SBX_TRIP_MEMORY;
+    }
+
+    e->refused = 0;
 }
 
 
@@ -659,6 +694,12 @@ sbx_engine_load(sbx_engine_t *e, const sbx_script_t *s, unsigned *hooks,
     slot->timeout_ms = s->timeout_ms;
 
     top = lua_gettop(L);
+
+    if (s->source.len && s->source.data[0] == LUA_SIGNATURE[0]) {
+        snprintf(err, errlen, "%.*s:1: %s", (int) s->chunkname.len,
+                 s->chunkname.data, SBX_BINARY_CHUNK);
+        return -1;
+    }
 
     snprintf(name, sizeof(name), "@%.*s", (int) s->chunkname.len,
              s->chunkname.data);
@@ -1601,9 +1642,10 @@ sbx_engine_call(sbx_engine_t *e, unsigned script, unsigned hook,
     ctx.malformed = 0;
     sbx_rd_init(&ctx.rd, payload, len);
 
-    co = lua_newthread(L);
-
+    /* a new thread copies the hook of its creator: arm the limits first */
     sbx_call_begin(e, slot->memory, slot->instructions, slot->timeout_ms);
+
+    co = lua_newthread(L);
 
     lua_pushcfunction(co, sbx_invoke);
     lua_pushlightuserdata(co, &ctx);
@@ -1733,13 +1775,29 @@ sbx_collect(void *data, int set, const char *name, size_t len,
 }
 
 
+/*
+ * The buffer is set up on the first write, as lstrlib's str_dump does:
+ * lua_dump reads the function once, and luaL_Buffer keeps its box on the
+ * top of the stack from then on.
+ */
+
+typedef struct {
+    int                 init;
+    luaL_Buffer         b;
+} sbx_dump_buf_t;
+
+
 static int
 sbx_dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
 {
-    luaL_Buffer  *b = ud;
+    sbx_dump_buf_t  *d = ud;
 
-    (void) L;
-    luaL_addlstring(b, p, sz);
+    if (!d->init) {
+        d->init = 1;
+        luaL_buffinit(L, &d->b);
+    }
+
+    luaL_addlstring(&d->b, p, sz);
 
     return 0;
 }
@@ -1748,14 +1806,20 @@ sbx_dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
 static int
 sbx_dump_chunk(lua_State *L)
 {
-    luaL_Buffer  b;
+    sbx_dump_buf_t  d;
 
-    /* 1: the compiled chunk */
-    luaL_buffinit(L, &b);
-    lua_pushvalue(L, 1);
-    lua_dump(L, sbx_dump_writer, &b, 0);
-    lua_pop(L, 1);
-    luaL_pushresult(&b);
+    /* 1: the compiled chunk, on the top */
+    lua_settop(L, 1);
+    d.init = 0;
+
+    lua_dump(L, sbx_dump_writer, &d, 0);
+
+    if (!d.init) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+
+    luaL_pushresult(&d.b);
 
     return 1;
 }
@@ -1821,12 +1885,87 @@ sbx_global_readable(sbx_engine_t *e, uint32_t caps, const char *name,
 }
 
 
+#define SBX_CHECK_MAX_PROBLEMS  20
+
+
+static int
+sbx_name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+
+/* heapsort: glibc's qsort may call sysinfo(), which seccomp kills */
+
+static void
+sbx_sift_down(char **a, size_t root, size_t n)
+{
+    char    *t;
+    size_t   child;
+
+    while ((child = 2 * root + 1) < n) {
+        if (child + 1 < n && strcmp(a[child], a[child + 1]) < 0) {
+            child++;
+        }
+
+        if (strcmp(a[root], a[child]) >= 0) {
+            return;
+        }
+
+        t = a[root];
+        a[root] = a[child];
+        a[child] = t;
+        root = child;
+    }
+}
+
+
+static void
+sbx_sort_names(char **a, size_t n)
+{
+    char    *t;
+    size_t   i;
+
+    for (i = n / 2; i > 0; i--) {
+        sbx_sift_down(a, i - 1, n);
+    }
+
+    for (i = n; i > 1; i--) {
+        t = a[0];
+        a[0] = a[i - 1];
+        a[i - 1] = t;
+        sbx_sift_down(a, 0, i - 1);
+    }
+}
+
+
+static int
+sbx_same_access(const sbx_access_t *a, const sbx_access_t *b, int field)
+{
+    if (a->line != b->line || strcmp(a->name, b->name) != 0) {
+        return 0;
+    }
+
+    if (!field) {
+        return 1;
+    }
+
+    if (a->field == NULL || b->field == NULL) {
+        return a->field == b->field;
+    }
+
+    return strcmp(a->field, b->field) == 0;
+}
+
+
 int
 sbx_engine_check(sbx_engine_t *e, const sbx_script_t *s, char *out,
     size_t outlen)
 {
     int              rc, problems = 0, k;
-    size_t           i, j, dlen, used = 0;
+    char           **sets = NULL;
+    size_t           i, j, dlen, used = 0, nsets, nreported;
+    size_t           reported[SBX_CHECK_MAX_PROBLEMS];
     char             name[512], msg[SBX_MAX_ERROR_MSG];
     lua_State       *L = e->L;
     const char      *dump;
@@ -1838,6 +1977,12 @@ sbx_engine_check(sbx_engine_t *e, const sbx_script_t *s, char *out,
         snprintf(out, outlen, "%.*s:1: script is larger than %d bytes\n",
                  (int) s->chunkname.len, s->chunkname.data,
                  SBX_MAX_SCRIPT_SIZE);
+        return 1;
+    }
+
+    if (s->source.len && s->source.data[0] == LUA_SIGNATURE[0]) {
+        snprintf(out, outlen, "%.*s:1: %s\n", (int) s->chunkname.len,
+                 s->chunkname.data, SBX_BINARY_CHUNK);
         return 1;
     }
 
@@ -1888,20 +2033,35 @@ sbx_engine_check(sbx_engine_t *e, const sbx_script_t *s, char *out,
 
     lua_pop(L, 1);
 
-    for (i = 0; i < acc.n && problems < 20; i++) {
+    /* the names the script assigns, sorted: a big script is not O(n^2) */
+    sets = malloc((acc.n ? acc.n : 1) * sizeof(char *));
+    nsets = 0;
+
+    if (sets == NULL) {
+        snprintf(out, outlen, "%.*s:1: out of memory\n",
+                 (int) s->chunkname.len, s->chunkname.data);
+        problems = SBX_CHECK_MAX_PROBLEMS;
+        used = strlen(out);
+    }
+
+    for (i = 0; sets && i < acc.n; i++) {
+        if (acc.a[i].set && acc.a[i].name) {
+            sets[nsets++] = acc.a[i].name;
+        }
+    }
+
+    sbx_sort_names(sets, nsets);
+
+    nreported = 0;
+
+    for (i = 0; i < acc.n && problems < SBX_CHECK_MAX_PROBLEMS; i++) {
         if (acc.a[i].set || acc.a[i].name == NULL) {
             continue;
         }
 
-        for (j = 0; j < acc.n; j++) {
-            if (acc.a[j].set && acc.a[j].name
-                && strcmp(acc.a[j].name, acc.a[i].name) == 0)
-            {
-                break;
-            }
-        }
-
-        if (j < acc.n) {
+        if (bsearch(&acc.a[i].name, sets, nsets, sizeof(char *),
+                    sbx_name_cmp))
+        {
             continue;   /* assigned somewhere in the script */
         }
 
@@ -1910,6 +2070,19 @@ sbx_engine_check(sbx_engine_t *e, const sbx_script_t *s, char *out,
         if (k == 1) {
             continue;
         }
+
+        /* the same read twice on one line is reported once */
+        for (j = 0; j < nreported; j++) {
+            if (sbx_same_access(&acc.a[reported[j]], &acc.a[i], k != 2)) {
+                break;
+            }
+        }
+
+        if (j < nreported) {
+            continue;
+        }
+
+        reported[nreported++] = i;
 
         if (k == 2) {
             rc = snprintf(out + used, outlen - used, "%.*s:%d: global \"%s\" "
@@ -1945,6 +2118,7 @@ sbx_engine_check(sbx_engine_t *e, const sbx_script_t *s, char *out,
     }
 
     free(acc.a);
+    free(sets);
 
     return problems;
 }

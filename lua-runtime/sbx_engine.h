@@ -82,5 +82,8 @@ int sbx_caps_parse(const char *list, uint32_t *caps, char *err,
     size_t errlen);
 const char *sbx_cap_name(uint32_t cap);
 
+/* one-time library setup of the capabilities: before the sandbox */
+int sbx_caps_init(void);
+
 
 #endif /* SBX_ENGINE_H */

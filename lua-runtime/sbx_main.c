@@ -360,7 +360,7 @@ sbx_read_file(const char *path, char **data, size_t *len, size_t max,
                 close(fd);
                 snprintf(err, errlen, "%s:1: file is larger than %zu bytes",
                          path, max);
-                return -1;
+                return SBX_FILE_TOO_LARGE;
             }
 
             size *= 2;
@@ -393,7 +393,7 @@ sbx_read_file(const char *path, char **data, size_t *len, size_t max,
     if (n > max) {
         free(p);
         snprintf(err, errlen, "%s:1: file is larger than %zu bytes", path, max);
-        return -1;
+        return SBX_FILE_TOO_LARGE;
     }
 
     *data = p;
@@ -505,10 +505,29 @@ sbx_clean_environment(void)
 }
 
 
+static const char *volatile  sbx_check_name = "stdin";
+
+
+/* RLIMIT_CPU: a top level that spins in one C call is stopped here */
+
+static void
+sbx_check_xcpu(int signo)
+{
+    const char  *name = (const char *) sbx_check_name;
+    static const char  msg[] = ":1: check stopped: CPU time limit exceeded\n";
+
+    (void) signo;
+
+    (void) !write(1, name, strlen(name));
+    (void) !write(1, msg, sizeof(msg) - 1);
+    _exit(1);
+}
+
+
 static int
 sbx_check(int argc, char **argv)
 {
-    int            i, problems;
+    int            i, rc, problems;
     char          *src, out[8192], err[1024];
     const char    *path = NULL, *chunkname = NULL;
     size_t         len;
@@ -558,11 +577,17 @@ sbx_check(int argc, char **argv)
 
     sbx_clean_environment();
 
-    if (sbx_read_file(path, &src, &len, SBX_MAX_SCRIPT_SIZE, err,
-                      sizeof(err)) != 0)
-    {
+    rc = sbx_read_file(path, &src, &len, SBX_MAX_SCRIPT_SIZE, err,
+                       sizeof(err));
+
+    if (rc == SBX_FILE_TOO_LARGE) {
         printf("%s\n", err);
         return 1;
+    }
+
+    if (rc != 0) {
+        fprintf(stderr, "sbx-lua-helper: %s\n", err);
+        return 2;
     }
 
     s.name.data = (const uint8_t *) "check";
@@ -580,6 +605,9 @@ sbx_check(int argc, char **argv)
 
     /* stdout is written by hand below: no stdio buffering decisions later */
     fflush(stdout);
+
+    sbx_check_name = chunkname;
+    (void) signal(SIGXCPU, sbx_check_xcpu);
 
     if (sbx_sandbox_apply(SBX_PROFILE_CLI, 1ULL << 32, err, sizeof(err))
         != 0)

@@ -69,7 +69,7 @@ typedef struct {
 } sbx_run_result_t;
 
 
-static const char *volatile  sbx_run_phase = "load";
+static const char *volatile  sbx_run_phase = "top level";
 
 
 /* ---- output: write(2) only, stdio is not used once sandboxed ---- */
@@ -170,13 +170,15 @@ static void
 sbx_run_alarm(int signo)
 {
     const char  *phase = (const char *) sbx_run_phase;
+    const char  *msg;
 
-    (void) signo;
+    msg = signo == SIGXCPU
+          ? ": time limit exceeded (stopped by the runner's CPU-time "
+            "limit)\n"
+          : ": time limit exceeded (stopped by the wall-clock backstop)\n";
 
     sbx_run_write(2, phase, strlen(phase));
-    sbx_run_write(2, " hook: time limit exceeded (stopped by the wall-clock "
-                  "backstop)\n", sizeof(" hook: time limit exceeded (stopped "
-                  "by the wall-clock backstop)\n") - 1);
+    sbx_run_write(2, msg, strlen(msg));
     _exit(1);
 }
 
@@ -1159,7 +1161,8 @@ sbx_run_hook(sbx_engine_t *e, unsigned hook, const uint8_t *payload,
     char         prefix[64];
 
     name = hook == SBX_HOOK_RESPONSE ? "response" : "request";
-    sbx_run_phase = name;
+    sbx_run_phase = hook == SBX_HOOK_RESPONSE ? "response hook"
+                                              : "request hook";
 
     if (sbx_engine_call(e, 0, hook, payload, len, &out, &outlen) != 0
         || sbx_run_read_result(out + SBX_FRAME_HDR_SIZE, outlen, r) != 0)
@@ -1314,11 +1317,14 @@ sbx_run(int argc, char **argv)
 
     /* everything is read before the sandbox */
 
-    if (sbx_read_file(path, &src, &len, SBX_MAX_SCRIPT_SIZE, err,
-                      sizeof(err)) != 0)
-    {
-        sbx_run_printf(2, "%s\n", err);
-        return 1;
+    rc = sbx_read_file(path, &src, &len, SBX_MAX_SCRIPT_SIZE, err,
+                       sizeof(err));
+
+    if (rc != 0) {
+        /* too large: the script's fault; unreadable: the command's */
+        sbx_run_printf(2, "%s%s\n", rc == SBX_FILE_TOO_LARGE ? ""
+                                    : "sbx-lua-helper: ", err);
+        return rc == SBX_FILE_TOO_LARGE ? 1 : 2;
     }
 
     if (sbx_read_file(reqpath, &reqtext, &reqlen, SBX_RUN_MAX_INPUT, err,
@@ -1393,6 +1399,7 @@ sbx_run(int argc, char **argv)
     sa.sa_handler = sbx_run_alarm;
     sigemptyset(&sa.sa_mask);
     (void) sigaction(SIGALRM, &sa, NULL);
+    (void) sigaction(SIGXCPU, &sa, NULL);
 
     memset(&it, 0, sizeof(it));
     it.it_value.tv_sec = (s.timeout_ms * 3ULL + 1000) / 1000;

@@ -212,6 +212,8 @@ failed:
 int
 sbx_sandbox_apply(int profile, uint64_t as_limit, char *err, size_t errlen)
 {
+    struct rlimit  rl;
+
     if (sbx_drop_root(err, errlen) != 0) {
         return -1;
     }
@@ -226,10 +228,21 @@ sbx_sandbox_apply(int profile, uint64_t as_limit, char *err, size_t errlen)
                       errlen)
         || sbx_rlimit(RLIMIT_MSGQUEUE, 0, "setrlimit(RLIMIT_MSGQUEUE)", err,
                       errlen)
-        || sbx_rlimit(RLIMIT_CPU, SBX_CPU_LIMIT_SEC, "setrlimit(RLIMIT_CPU)",
-                      err, errlen))
+        || (profile == SBX_PROFILE_SERVE
+            && sbx_rlimit(RLIMIT_CPU, SBX_CPU_LIMIT_SEC,
+                          "setrlimit(RLIMIT_CPU)", err, errlen)))
     {
         return -1;
+    }
+
+    /* a runaway check or run stops; SIGXCPU first, so it can say why */
+    if (profile == SBX_PROFILE_CLI) {
+        rl.rlim_cur = SBX_CLI_CPU_LIMIT;
+        rl.rlim_max = SBX_CLI_CPU_LIMIT + 1;
+
+        if (setrlimit(RLIMIT_CPU, &rl) != 0) {
+            return sbx_fail(err, errlen, "setrlimit(RLIMIT_CPU)", errno);
+        }
     }
 
 #ifndef SBX_SANITIZE

@@ -344,10 +344,14 @@ sbx_stdlib_open(lua_State *L)
     lua_createtable(L, 0, 32);
     g = lua_gettop(L);
 
-    /* base: only the safe functions of the stock library */
+    /*
+     * base: only the safe functions of the stock library (luaopen_base
+     * pushes the global table it filled; copy from it into g)
+     */
     luaopen_base(L);
-    sbx_copy_fields(L, -1, sbx_base_names);
-    lua_pop(L, 1);
+    lua_pushvalue(L, g);
+    sbx_copy_fields(L, -2, sbx_base_names);
+    lua_pop(L, 2);
 
     /*
      * luaopen_base filled the registry's global table, which no script
