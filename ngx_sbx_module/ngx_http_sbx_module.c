@@ -370,6 +370,7 @@ ngx_http_sbx_default_helper(ngx_conf_t *cf, ngx_str_t *path)
     p = ngx_cpymem(p, info.dli_fname, len);
     p = ngx_cpymem(p, "sbx-lua-helper", sizeof("sbx-lua-helper") - 1);
     path->len = p - path->data;
+    *p = '\0';                  /* access(), posix_spawn() */
 
     return NGX_OK;
 }
