@@ -30,6 +30,7 @@
 
 #define NGX_HTTP_SBX_RESPONSE_BUFFER   (1024 * 1024)
 #define NGX_HTTP_SBX_BODY_CHUNK        (64 * 1024)
+#define NGX_HTTP_SBX_KEEP_HEADERS      8
 
 
 /* request side */
@@ -98,6 +99,7 @@ static void ngx_http_sbx_connector_response_done(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call);
 static void ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
     ngx_http_sbx_connector_ctx_t *cctx);
+static void ngx_http_sbx_connector_clean_header(ngx_http_request_t *r);
 static ngx_int_t ngx_http_sbx_connector_pass(ngx_http_request_t *r,
     ngx_http_sbx_connector_ctx_t *cctx);
 
@@ -1242,6 +1244,63 @@ ngx_http_sbx_connector_response_done(ngx_http_request_t *r,
 
 
 /*
+ * Drops the upstream's header before the module answers in its place, but
+ * keeps the rate limiter's fields: "on every answer" (DESIGN.md section 6).
+ */
+
+static void
+ngx_http_sbx_connector_clean_header(ngx_http_request_t *r)
+{
+    ngx_uint_t        i, n;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h, *nh, saved[NGX_HTTP_SBX_KEEP_HEADERS];
+
+    n = 0;
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */ ; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash == 0 || n == NGX_HTTP_SBX_KEEP_HEADERS) {
+            continue;
+        }
+
+        if ((h[i].key.len == sizeof("RateLimit") - 1
+             && ngx_strncasecmp(h[i].key.data, (u_char *) "RateLimit",
+                                h[i].key.len) == 0)
+            || (h[i].key.len == sizeof("RateLimit-Policy") - 1
+                && ngx_strncasecmp(h[i].key.data,
+                                   (u_char *) "RateLimit-Policy",
+                                   h[i].key.len) == 0))
+        {
+            saved[n++] = h[i];
+        }
+    }
+
+    ngx_http_clean_header(r);
+
+    for (i = 0; i < n; i++) {
+        nh = ngx_list_push(&r->headers_out.headers);
+        if (nh == NULL) {
+            return;
+        }
+
+        *nh = saved[i];
+    }
+}
+
+
+/*
  * Sends the answer: the script's response, the upstream's answer as it was
  * (a script without the hook after all) or an error.  The request waits in
  * ngx_http_writer() until then (r->buffered); this finalizes it.
@@ -1267,7 +1326,7 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
                       c ? &c->name : &r->uri, cctx->size, cctx->cap);
 
         cctx->rs_state = NGX_HTTP_SBX_RS_OWN;
-        ngx_http_clean_header(r);
+        ngx_http_sbx_connector_clean_header(r);
         rc = ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
                                      NGX_HTTP_SBX_TRANSFORM_ERROR, 0);
         goto done;
@@ -1276,21 +1335,21 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
     cctx->rs_state = NGX_HTTP_SBX_RS_OWN;
 
     if (call == NULL) {
-        ngx_http_clean_header(r);
+        ngx_http_sbx_connector_clean_header(r);
         rc = ngx_http_sbx_send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
                                      NGX_HTTP_SBX_TRANSFORM_ERROR, 0);
         goto done;
     }
 
     if (call->outcome != SBX_OUT_RESPONSE || call->result == NULL) {
-        ngx_http_clean_header(r);
+        ngx_http_sbx_connector_clean_header(r);
         rc = ngx_http_sbx_connector_fail(r, call, "response");
         goto done;
     }
 
     if (ngx_http_sbx_ipc_result(r, call, &rd) != NGX_OK) {
         call->outcome = 0;
-        ngx_http_clean_header(r);
+        ngx_http_sbx_connector_clean_header(r);
         rc = ngx_http_sbx_connector_fail(r, call, "response");
         goto done;
     }
@@ -1298,7 +1357,7 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
     switch (call->outcome) {
 
     case SBX_OUT_RESPONSE:
-        ngx_http_clean_header(r);
+        ngx_http_sbx_connector_clean_header(r);
         r->err_status = 0;
         r->allow_ranges = 0;
         rc = ngx_http_sbx_content_send(r, call, &rd);
@@ -1314,7 +1373,7 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
         /* fall through */
 
     default:
-        ngx_http_clean_header(r);
+        ngx_http_sbx_connector_clean_header(r);
         rc = ngx_http_sbx_connector_fail(r, call, "response");
     }
 

@@ -217,6 +217,11 @@ server {
     location /rw/      { sbx_connector rewrite; proxy_pass http://backend; }
     location /short/   { sbx_connector short; proxy_pass http://backend; }
     location /resp/    { sbx_connector resp; proxy_pass http://backend/; }
+    location /rlresp/  {
+        sbx_connector resp;
+        sbx_rate_limit key=$remote_addr rate=100r/m name=rlresp;
+        proxy_pass http://backend/;
+    }
     location /both/    { sbx_connector both; proxy_pass http://backend; }
     location /size/    {
         sbx_connector size;
@@ -473,6 +478,14 @@ for my $i (1 .. 20) {
     $ok++ if doc($r)->{uri} && doc($r)->{uri} eq "/echo/k$i";
 }
 is($ok, 20, 'keepalive upstream: 20 rewritten requests');
+
+# the rate limiter's fields survive the response hook's answer, once
+$r = $t->get('/rlresp/files/small');
+is($r->{status}, 201, 'rate-limited route with a response hook: its answer');
+like($r->{headers}{'ratelimit-policy'} // '', qr/^"rlresp";q=100;w=60$/,
+     'RateLimit-Policy on the response hook\'s answer');
+like($r->{headers}{'ratelimit'} // '', qr/^"rlresp";r=\d+;t=\d+$/,
+     'RateLimit on the response hook\'s answer, exactly once');
 
 # a plain proxy location is untouched by the module
 $r = $t->get('/plain/files/small');
