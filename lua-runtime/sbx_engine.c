@@ -1312,8 +1312,9 @@ sbx_uri_valid(const sbx_str_t *s, int is_uri)
     }
 
     for (i = 0; i < s->len; i++) {
-        if (s->data[i] <= 0x20 || s->data[i] == 0x7f
-            || (!is_uri && s->data[i] == '#'))
+        /* req.uri is decoded (nginx escapes it again); args are not */
+        if (s->data[i] < 0x20 || s->data[i] == 0x7f
+            || (!is_uri && (s->data[i] == ' ' || s->data[i] == '#')))
         {
             return 0;
         }

@@ -599,8 +599,9 @@ ngx_http_sbx_connector_apply(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
         return NGX_ERROR;
     }
 
+    /* decoded: a space is fine (the proxy escapes it), controls are not */
     for (i = 0; i < uri.len; i++) {
-        if (uri.data[i] <= 0x20 || uri.data[i] == 0x7f) {
+        if (uri.data[i] < 0x20 || uri.data[i] == 0x7f) {
             return NGX_ERROR;
         }
     }

@@ -287,6 +287,10 @@ is($e->{args}, 'added=1', 'rewrite GET: args from nothing');
 ok(!defined $e->{body}, 'rewrite GET: no body upstream');
 ok(!exists $e->{headers}{'content-length'}, 'rewrite GET: no Content-Length');
 
+$r = $t->get('/rw/a%20b');
+is($r->{status}, 200, 'rewrite: an encoded space in the path is fine');
+is(doc($r)->{uri}, '/echo/a b', 'and reaches the upstream escaped again');
+
 $r = $t->post('/rw/e?body=empty', 'something');
 $e = doc($r);
 is($e->{headers}{'content-length'}, '0', 'empty body: Content-Length 0');
