@@ -900,6 +900,7 @@ sbx_push_query(lua_State *L, const uint8_t *p, size_t len)
 static int
 sbx_push_headers(lua_State *L, sbx_rd_t *rd)
 {
+    int        t;
     uint32_t   i, n;
     sbx_str_t  name, value;
 
@@ -917,7 +918,22 @@ sbx_push_headers(lua_State *L, sbx_rd_t *rd)
         lua_pushlstring(L, (const char *) name.data, name.len);
         lua_pushvalue(L, -1);
 
-        if (lua_rawget(L, -3) == LUA_TSTRING) {
+        t = lua_rawget(L, -3);
+
+        if (name.len == 10 && memcmp(name.data, "set-cookie", 10) == 0
+            && t != LUA_TNIL)
+        {
+            /* Set-Cookie cannot be combined: an array, one per field */
+            if (t == LUA_TSTRING) {
+                lua_createtable(L, 2, 0);
+                lua_insert(L, -2);
+                lua_rawseti(L, -2, 1);
+            }
+
+            lua_pushlstring(L, (const char *) value.data, value.len);
+            lua_rawseti(L, -2, (lua_Integer) lua_rawlen(L, -2) + 1);
+
+        } else if (t == LUA_TSTRING) {
             /* repeated field: combine as RFC 9110 allows */
             if (name.len == 6 && memcmp(name.data, "cookie", 6) == 0) {
                 lua_pushliteral(L, "; ");

@@ -56,6 +56,15 @@ return {
 }
 EOF
 
+$t->write_file('cookie.lua', <<'EOF');
+return {
+  response = function(res, req)
+    res.headers["x-cookie-type"] = type(res.headers["set-cookie"])
+    return res
+  end,
+}
+EOF
+
 $t->write_file('short.lua', <<'EOF');
 return {
   request = function(req)
@@ -174,6 +183,7 @@ sbx_connector upslow {
 sbx_connector rewrite { script %%PREFIX%%/rewrite.lua; pool conn; }
 sbx_connector short { script %%PREFIX%%/short.lua; pool conn; }
 sbx_connector resp { script %%PREFIX%%/resp.lua; pool conn; }
+sbx_connector cookie { script %%PREFIX%%/cookie.lua; pool conn; }
 sbx_connector both { script %%PREFIX%%/both.lua; capabilities json; pool conn; }
 sbx_connector size { script %%PREFIX%%/size.lua; pool conn; }
 sbx_connector down { script %%PREFIX%%/down.lua; pool conn; }
@@ -207,6 +217,11 @@ server {
         gzip_min_length 0;
     }
     location /fail { return 503 "upstream failure\n"; }
+    location /cookies {
+        add_header Set-Cookie "a=1; Path=/";
+        add_header Set-Cookie "b=2; Path=/";
+        return 200 "cookies\n";
+    }
 }
 
 server {
@@ -217,6 +232,7 @@ server {
     location /rw/      { sbx_connector rewrite; proxy_pass http://backend; }
     location /short/   { sbx_connector short; proxy_pass http://backend; }
     location /resp/    { sbx_connector resp; proxy_pass http://backend/; }
+    location /cookie/  { sbx_connector cookie; proxy_pass http://backend/; }
     location /rlresp/  {
         sbx_connector resp;
         sbx_rate_limit key=$remote_addr rate=100r/m name=rlresp;
@@ -482,6 +498,14 @@ for my $i (1 .. 20) {
     $ok++ if doc($r)->{uri} && doc($r)->{uri} eq "/echo/k$i";
 }
 is($ok, 20, 'keepalive upstream: 20 rewritten requests');
+
+# repeated Set-Cookie fields reach the script as an array and go out apart
+$r = $t->get('/cookie/cookies');
+is($r->{status}, 200, 'set-cookie: 200');
+is($r->{headers}{'x-cookie-type'}, 'table',
+   'res.headers["set-cookie"] is an array');
+is_deeply($r->{headers}{'set-cookie'}, ['a=1; Path=/', 'b=2; Path=/'],
+          'both Set-Cookie fields are sent, unmerged');
 
 # the rate limiter's fields survive the response hook's answer, once
 $r = $t->get('/rlresp/files/small');
