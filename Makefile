@@ -6,6 +6,8 @@ SHELL := /bin/bash
 #   make run        nginx in the foreground on 127.0.0.1:8080 with conf.d/
 #   make test       every test (t/, prove)
 #   make bench      benchmarks (bench/)
+#   make soak       mixed traffic for DURATION seconds, fails on growth,
+#                   a non-contract answer or a worker crash (tools/soak.pl)
 #   make install    into Debian's nginx module directory
 
 TOP        := $(CURDIR)
@@ -84,6 +86,15 @@ install: all
 	install -d $(DESTDIR)$(MODDIR)
 	install -m 644 $(BUILD)/ngx_http_sbx_module.so $(DESTDIR)$(MODDIR)/
 	install -m 755 $(BUILD)/sbx-lua-helper $(DESTDIR)$(MODDIR)/
+
+# make soak [DURATION=600]: tools/soak.pl drives mixed traffic (transforms,
+# rate-limited keys, residency denials, about 1 % hostile scripts) and
+# samples RSS, descriptors and helper restarts; see docs/operations.md.
+.PHONY: soak
+DURATION ?= 120
+soak: all
+	sh tools/install-deps.sh test
+	SBX_BUILD=$(BUILD) perl tools/soak.pl --duration $(DURATION)
 
 clean:
 	rm -rf $(BUILD)
