@@ -641,6 +641,10 @@ sbx_check(int argc, char **argv)
 int
 main(int argc, char **argv)
 {
+#ifdef SBX_SANITIZE
+    sbx_sanitize_init();
+#endif
+
     if (argc < 2) {
         sbx_usage();
         return 2;

@@ -11,6 +11,12 @@
  *
  * The allowlist is the table sbx_allow[] below; docs/security.md explains
  * every entry.
+ *
+ * Sanitizer builds (SBX_SANITIZE, "make test-asan" only) differ: the
+ * ASan/UBSan runtime writes its reports to SBX_SANITIZE_FD, a file opened
+ * at start-up, and needs getpid() to write them; there is no RLIMIT_AS
+ * (shadow memory) and no RLIMIT_FSIZE (the report file).  See
+ * docs/security.md, "Sanitizer builds".
  */
 
 #define _GNU_SOURCE
@@ -53,6 +59,11 @@ static const int  sbx_allow[] = {
     SCMP_SYS(munmap),           /* free() of large blocks */
     SCMP_SYS(rt_sigreturn),     /* return from a fatal-signal handler */
     SCMP_SYS(time),             /* os.time when the vDSO is unavailable */
+#ifdef SBX_SANITIZE
+    SCMP_SYS(getpid),           /* sanitizer reports: "==PID==" */
+    SCMP_SYS(sigaltstack),      /* sanitizer: signal stack at exit */
+    SCMP_SYS(futex),            /* sanitizer: pthread_once when unwinding */
+#endif
 };
 
 
@@ -192,6 +203,15 @@ sbx_filter(int profile, char *err, size_t errlen)
         }
     }
 
+#ifdef SBX_SANITIZE
+    /* sanitizer reports, both profiles */
+    a[0] = SCMP_A0(SCMP_CMP_EQ, SBX_SANITIZE_FD);
+
+    if (sbx_rule(ctx, SCMP_SYS(write), 1, a, err, errlen) != 0) {
+        goto failed;
+    }
+#endif
+
     rc = seccomp_load(ctx);
     if (rc != 0) {
         seccomp_release(ctx);
@@ -209,6 +229,72 @@ failed:
 }
 
 
+#ifdef SBX_SANITIZE
+
+/*
+ * The helper starts with an empty environment, so the runtime's options
+ * are compiled in.  No leak check: LeakSanitizer stops the world with
+ * clone() and ptrace(), which the filter forbids.  No symbolizer: it is a
+ * process of its own.  Reports go to SBX_SANITIZE_FD, opened here before
+ * the sandbox: SBX_SANITIZE_LOG/helper.PID, or stderr.
+ */
+
+const char *__asan_default_options(void);
+const char *__ubsan_default_options(void);
+void __sanitizer_set_report_fd(void *fd);
+
+
+const char *
+__asan_default_options(void)
+{
+    return "detect_leaks=0:symbolize=0:color=never:print_summary=0:"
+           "stack_trace_format='    #%n %p'";
+}
+
+
+const char *
+__ubsan_default_options(void)
+{
+    return "print_stacktrace=1:symbolize=0:color=never:print_summary=0:"
+           "stack_trace_format='    #%n %p'";
+}
+
+
+void
+sbx_sanitize_init(void)
+{
+    int   fd;
+    char  path[512];
+
+    fd = -1;
+
+#ifdef SBX_SANITIZE_LOG
+    snprintf(path, sizeof(path), "%s/helper.%ld", SBX_SANITIZE_LOG,
+             (long) getpid());
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+#else
+    (void) path;
+#endif
+
+    if (fd == -1) {
+        fd = dup(2);
+    }
+
+    if (fd == -1 || (fd != SBX_SANITIZE_FD && dup2(fd, SBX_SANITIZE_FD) == -1))
+    {
+        return;
+    }
+
+    if (fd != SBX_SANITIZE_FD) {
+        close(fd);
+    }
+
+    __sanitizer_set_report_fd((void *) (long) SBX_SANITIZE_FD);
+}
+
+#endif
+
+
 int
 sbx_sandbox_apply(int profile, uint64_t as_limit, char *err, size_t errlen)
 {
@@ -221,9 +307,11 @@ sbx_sandbox_apply(int profile, uint64_t as_limit, char *err, size_t errlen)
     if (sbx_rlimit(RLIMIT_NOFILE, 0, "setrlimit(RLIMIT_NOFILE)", err, errlen)
         || sbx_rlimit(RLIMIT_NPROC, 0, "setrlimit(RLIMIT_NPROC)", err, errlen)
         || sbx_rlimit(RLIMIT_CORE, 0, "setrlimit(RLIMIT_CORE)", err, errlen)
+#ifndef SBX_SANITIZE
         || (profile == SBX_PROFILE_SERVE
             && sbx_rlimit(RLIMIT_FSIZE, 0, "setrlimit(RLIMIT_FSIZE)", err,
                           errlen))
+#endif
         || sbx_rlimit(RLIMIT_MEMLOCK, 0, "setrlimit(RLIMIT_MEMLOCK)", err,
                       errlen)
         || sbx_rlimit(RLIMIT_MSGQUEUE, 0, "setrlimit(RLIMIT_MSGQUEUE)", err,
@@ -444,6 +532,28 @@ sbx_probe_channel(void)
 }
 
 
+#ifdef SBX_SANITIZE
+
+/* a heap overflow: the runtime must be able to report it under the filter */
+
+static void
+sbx_probe_sanitizer(void)
+{
+    char *volatile  p;
+
+    p = malloc(16);
+    p[16] = 'x';
+    free(p);
+}
+
+#define SBX_PROBE_REPORT  2     /* the sanitizer reports and exits */
+#define SBX_GETPID_ALLOWED  1
+
+#else
+#define SBX_GETPID_ALLOWED  0
+#endif
+
+
 static const sbx_probe_t  sbx_probes[] = {
     { "open", sbx_probe_open, 0 },
     { "openat", sbx_probe_openat, 0 },
@@ -461,9 +571,12 @@ static const sbx_probe_t  sbx_probes[] = {
     { "setuid", sbx_probe_setuid, 0 },
     { "prctl", sbx_probe_prctl, 0 },
     { "unshare", sbx_probe_unshare, 0 },
-    { "getpid", sbx_probe_getpid, 0 },
+    { "getpid", sbx_probe_getpid, SBX_GETPID_ALLOWED },
     { "mmap/malloc/clock_gettime", sbx_probe_memory, 1 },
     { "write to the channel", sbx_probe_channel, 1 },
+#ifdef SBX_SANITIZE
+    { "sanitizer report", sbx_probe_sanitizer, SBX_PROBE_REPORT },
+#endif
     { NULL, NULL, 0 }
 };
 
@@ -499,6 +612,18 @@ sbx_self_test(void)
                 _exit(2);
             }
 
+#ifdef SBX_SANITIZE
+            /* the report comes back on the channel, not to the output */
+            if (sbx_probes[i].allowed == SBX_PROBE_REPORT
+                && dup2(sv[1], SBX_SANITIZE_FD) != SBX_SANITIZE_FD)
+            {
+                _exit(2);
+            }
+
+            /* a forked child: the runtime would reopen the report file */
+            __sanitizer_set_report_fd((void *) (long) SBX_SANITIZE_FD);
+#endif
+
             if (sbx_sandbox_apply(SBX_PROFILE_SERVE, 1ULL << 30, err,
                                   sizeof(err)) != 0)
             {
@@ -515,6 +640,30 @@ sbx_self_test(void)
         while (waitpid(pid, &status, 0) == -1 && errno == EINTR) {
             /* void */
         }
+
+#ifdef SBX_SANITIZE
+        if (sbx_probes[i].allowed == SBX_PROBE_REPORT) {
+            ssize_t  r;
+            char     report[4096];
+
+            r = recv(sv[0], report, sizeof(report) - 1, MSG_DONTWAIT);
+            report[r > 0 ? r : 0] = '\0';
+            close(sv[0]);
+
+            if (WIFEXITED(status) && WEXITSTATUS(status) != 0
+                && strstr(report, "AddressSanitizer: heap-buffer") != NULL)
+            {
+                printf("ok %d - %s is written\n", i + 1, sbx_probes[i].name);
+            } else {
+                printf("not ok %d - %s is written (status 0x%x)\n", i + 1,
+                       sbx_probes[i].name, status);
+                failed++;
+            }
+
+            fflush(stdout);
+            continue;
+        }
+#endif
 
         close(sv[0]);
 

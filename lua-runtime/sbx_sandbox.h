@@ -16,6 +16,14 @@
 #define SBX_CLI_CPU_LIMIT   10
 
 
+#ifdef SBX_SANITIZE
+/* sanitizer builds only: where ASan and UBSan write their reports */
+#define SBX_SANITIZE_FD     9
+
+void sbx_sanitize_init(void);
+#endif
+
+
 int sbx_sandbox_apply(int profile, uint64_t as_limit, char *err,
     size_t errlen);
 int sbx_self_test(void);

@@ -662,8 +662,9 @@ ngx_http_sbx_connector_apply(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
         ngx_http_set_exten(r);
     }
 
+    /* no args: both may be NULL, which memcmp() may not be given */
     if (args.len != r->args.len
-        || ngx_memcmp(args.data, r->args.data, args.len) != 0)
+        || (args.len && ngx_memcmp(args.data, r->args.data, args.len) != 0))
     {
         r->args.data = (u_char *) args.data;
         r->args.len = args.len;

@@ -149,8 +149,13 @@ ngx_http_sbx_ipc_put_body(ngx_http_request_t *r, sbx_wr_t *w,
 
         if (ngx_buf_in_memory(b)) {
             size = b->last - b->pos;
-            w->pos = ngx_cpymem(w->pos, b->pos, size);
-            w->need += size;
+
+            /* an empty buffer may have no memory at all (pos NULL) */
+            if (size) {
+                w->pos = ngx_cpymem(w->pos, b->pos, size);
+                w->need += size;
+            }
+
             continue;
         }
 
