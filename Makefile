@@ -84,7 +84,7 @@ test: all
 
 bench: all
 	sh tools/install-deps.sh bench
-	sh bench/run.sh
+	BUILD=$(BUILD) sh bench/run.sh
 
 install: all
 	install -d $(DESTDIR)$(MODDIR)
