@@ -28,6 +28,7 @@
 #       THREADS      wrk threads (default 1)
 #       WARMUP       seconds of warm-up per target (default 2)
 #       POOL_SIZE    sbx_pool default size= (default 2)
+#       PIPELINE     sbx_pool default pipeline= (default 4)
 #       RESIDENCY    1: run bench/residency.sh 3 3 at the end (~20 s);
 #                    0: skip it (default 1)
 #       KEEP         1: keep the prefix directory (configuration, logs)
@@ -47,6 +48,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
 WARMUP=${WARMUP:-2}
 POOL_SIZE=${POOL_SIZE:-2}
+PIPELINE=${PIPELINE:-4}
 RESIDENCY=${RESIDENCY:-1}
 KEEP=${KEEP:-0}
 NGX_MODULES=${NGX_MODULES:-/usr/lib/nginx/modules}
@@ -127,7 +129,7 @@ http {
     keepalive_requests 1000000;
 
     sbx_helper_path $BUILD/sbx-lua-helper;
-    sbx_pool default size=$POOL_SIZE queue=1024;
+    sbx_pool default size=$POOL_SIZE pipeline=$PIPELINE queue=1024;
 
     sbx_connector bench {
         script       $P/transform.lua;
@@ -272,7 +274,7 @@ measure() {     # measure TARGET ROUND
 }
 
 echo "bench: nginx $("$NGINX_BIN" -v 2>&1 | sed 's,.*/,,'), 1 worker (pid $WORKER)," \
-     "sbx_pool default size=$POOL_SIZE ($nhelpers helpers running)," \
+     "sbx_pool default size=$POOL_SIZE pipeline=$PIPELINE ($nhelpers helpers running)," \
      "lua-nginx-module in the same nginx"
 echo "bench: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, POST" \
      "$(wc -c < "$P/body.json") bytes of JSON; $ROUNDS interleaved rounds" \

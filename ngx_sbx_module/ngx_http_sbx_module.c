@@ -18,6 +18,7 @@
 
 #define NGX_HTTP_SBX_DEFAULT_POOL_SIZE     2
 #define NGX_HTTP_SBX_DEFAULT_QUEUE         64
+#define NGX_HTTP_SBX_DEFAULT_PIPELINE      4
 #define NGX_HTTP_SBX_DEFAULT_MAX_REQUESTS  100000
 #define NGX_HTTP_SBX_DEFAULT_POOL_MEMORY   (1024 * 1024 * 1024)
 #define NGX_HTTP_SBX_MAX_POOL_SIZE         64
@@ -391,6 +392,7 @@ ngx_http_sbx_new_pool(ngx_conf_t *cf, ngx_http_sbx_main_conf_t *smcf,
     pool->index = smcf->pools.nelts;
     pool->size = NGX_HTTP_SBX_DEFAULT_POOL_SIZE;
     pool->queue_max = NGX_HTTP_SBX_DEFAULT_QUEUE;
+    pool->pipeline = NGX_HTTP_SBX_DEFAULT_PIPELINE;
     pool->max_requests = NGX_HTTP_SBX_DEFAULT_MAX_REQUESTS;
     pool->memory = NGX_HTTP_SBX_DEFAULT_POOL_MEMORY;
 
@@ -791,6 +793,21 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid \"sbx_pool\" queue \"%V\"",
                                    &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "pipeline=", 9) == 0) {
+            if (ngx_http_sbx_param_num(&value[i], 9, 1,
+                                       NGX_HTTP_SBX_MAX_PIPELINE,
+                                       &pool->pipeline) != NGX_OK)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"sbx_pool\" pipeline \"%V\" "
+                                   "(expected 1 to %d)", &value[i],
+                                   NGX_HTTP_SBX_MAX_PIPELINE);
                 return NGX_CONF_ERROR;
             }
 

@@ -35,6 +35,10 @@ typedef enum {
 } ngx_http_sbx_decision_e;
 
 
+/* calls a helper may have in flight: sbx_pool pipeline=N */
+#define NGX_HTTP_SBX_MAX_PIPELINE      16
+
+
 typedef struct ngx_http_sbx_pool_s       ngx_http_sbx_pool_t;
 typedef struct ngx_http_sbx_connector_s  ngx_http_sbx_connector_t;
 typedef struct ngx_http_sbx_helper_s     ngx_http_sbx_helper_t;
@@ -48,6 +52,7 @@ struct ngx_http_sbx_pool_s {
     ngx_uint_t                    size;
     ngx_uint_t                    queue_max;
     ngx_uint_t                    max_requests;
+    ngx_uint_t                    pipeline;       /* calls in flight/helper */
     size_t                        memory;         /* helper RLIMIT_AS */
     ngx_array_t                   connectors;     /* connector pointers */
 

@@ -4,12 +4,18 @@
  * Each worker spawns `size` helpers per pool (posix_spawn: a fresh exec of
  * sbx-lua-helper, empty environment but TZ, the channel as fd 3, every other
  * fd closed, signals reset) and talks to each over a socketpair driven by
- * nginx events.  A helper serves one call at a time; calls beyond the idle
- * helpers wait in a bounded queue.  A helper that dies is reaped (waitpid on
- * its pid; SIGCHLD is left at its default in workers so nginx's own handler
- * does not reap helpers) and replaced at once; one that fails to start is
- * retried with backoff.  The wall-clock backstop is a timer per helper: past
- * the connector's timeout plus a grace period the helper is SIGKILLed.
+ * nginx events.  A helper runs one call at a time, in order; the worker may
+ * pipeline up to `pipeline` calls to it (sent ahead, so the helper finds the
+ * next call waiting when it finishes one), but never behind a call that has
+ * been running for long.  Calls beyond that wait in a bounded queue.  When
+ * a helper dies only the call it was running fails: the calls pipelined
+ * behind it never started, and go back to the front of the queue.
+ *
+ * A helper that dies is reaped (waitpid on its pid; SIGCHLD is left at its
+ * default in workers so nginx's own handler does not reap helpers) and
+ * replaced at once; one that fails to start is retried with backoff.  The
+ * wall-clock backstop is a timer per helper for the call it runs: past the
+ * connector's timeout plus a grace period the helper is SIGKILLed.
  *
  * Ownership: the worker owns its end of each socketpair (an nginx
  * connection); the helper owns fd 3.  Memory of a call belongs to its
@@ -40,6 +46,8 @@
 #define NGX_HTTP_SBX_CPU_RECYCLE_MS   (2880 * 1000)   /* 80% of RLIMIT_CPU */
 #define NGX_HTTP_SBX_IBUF_MIN         (64 * 1024)
 #define NGX_HTTP_SBX_RESULT_MAX       (256 * 1024 * 1024)
+#define NGX_HTTP_SBX_PIPELINE_AGE     2     /* ms a head call may run and
+                                               still get calls behind it */
 
 /* why a helper went away, for the log and metrics */
 #define NGX_HTTP_SBX_GONE_EOF         0
@@ -48,6 +56,15 @@
 #define NGX_HTTP_SBX_GONE_BROKEN      3   /* protocol violation */
 #define NGX_HTTP_SBX_GONE_FATAL       4   /* reported a set-up failure */
 #define NGX_HTTP_SBX_GONE_EXITING     5   /* worker exit */
+#define NGX_HTTP_SBX_GONE_DROPPED     6   /* a request left mid-write */
+
+
+/* a call sent (or being sent) to a helper */
+typedef struct {
+    ngx_http_sbx_call_t          *call;           /* NULL: abandoned */
+    ngx_http_sbx_connector_t     *connector;
+    uint32_t                      id;
+} ngx_http_sbx_slot_t;
 
 
 struct ngx_http_sbx_helper_s {
@@ -56,8 +73,14 @@ struct ngx_http_sbx_helper_s {
     ngx_pid_t                     pid;
     ngx_connection_t             *c;
     ngx_uint_t                    state;
-    ngx_http_sbx_call_t          *call;
-    ngx_flag_t                    discard;        /* result of a gone call */
+
+    /* calls in flight, in order: slots[0] runs, the rest wait in fd 3 */
+    ngx_http_sbx_slot_t           slots[NGX_HTTP_SBX_MAX_PIPELINE];
+    ngx_uint_t                    nslots;
+    ngx_uint_t                    nwritten;       /* slots fully sent */
+    ngx_flag_t                    wslot;          /* obuf: slots[nwritten] */
+    ngx_flag_t                    recycle;        /* no new calls */
+    ngx_msec_t                    head_start;     /* slots[0] began */
 
     u_char                       *ibuf;
     size_t                        isize;
@@ -97,6 +120,9 @@ static void ngx_http_sbx_call_finish(ngx_http_sbx_call_t *call,
     ngx_uint_t outcome);
 static void ngx_http_sbx_call_wait_timeout(ngx_event_t *ev);
 static void ngx_http_sbx_call_cleanup(void *data);
+static void ngx_http_sbx_requeue(ngx_http_sbx_pool_t *pool,
+    ngx_http_sbx_call_t *call);
+static void ngx_http_sbx_arm_head(ngx_http_sbx_helper_t *h);
 
 
 static void
@@ -386,8 +412,10 @@ ngx_http_sbx_helper_spawn(ngx_http_sbx_helper_t *h)
     h->c = c;
     h->pid = pid;
     h->state = NGX_HTTP_SBX_H_STARTING;
-    h->call = NULL;
-    h->discard = 0;
+    h->nslots = 0;
+    h->nwritten = 0;
+    h->wslot = 0;
+    h->recycle = 0;
     h->ilen = 0;
     h->served = 0;
     h->obuf = pool->init;
@@ -445,7 +473,9 @@ ngx_http_sbx_log_gone(ngx_http_sbx_pool_t *pool, ngx_http_sbx_zombie_t *z,
 {
     ngx_uint_t  level, reason;
 
-    if (z->why == NGX_HTTP_SBX_GONE_EXITING) {
+    if (z->why == NGX_HTTP_SBX_GONE_EXITING
+        || z->why == NGX_HTTP_SBX_GONE_DROPPED)
+    {
         return;
     }
 
@@ -542,9 +572,10 @@ ngx_http_sbx_reap(ngx_event_t *ev)
 static void
 ngx_http_sbx_helper_gone(ngx_http_sbx_helper_t *h, ngx_uint_t why)
 {
-    ngx_uint_t              was;
+    ngx_uint_t              was, i, n;
     ngx_http_sbx_call_t    *call;
     ngx_http_sbx_pool_t    *pool = h->pool;
+    ngx_http_sbx_slot_t     slots[NGX_HTTP_SBX_MAX_PIPELINE];
     ngx_http_sbx_zombie_t  *z;
 
     was = h->state;
@@ -582,17 +613,38 @@ ngx_http_sbx_helper_gone(ngx_http_sbx_helper_t *h, ngx_uint_t why)
 
     ngx_http_sbx_reap(&pool->reap_ev);
 
-    call = h->call;
-    h->call = NULL;
-    h->discard = 0;
+    n = h->nslots;
+    ngx_memcpy(slots, h->slots, n * sizeof(ngx_http_sbx_slot_t));
+
+    h->nslots = 0;
+    h->nwritten = 0;
+    h->wslot = 0;
     h->obuf = NULL;
 
+    for (i = 0; i < n; i++) {
+        if (slots[i].call) {
+            slots[i].call->helper = NULL;
+        }
+    }
+
+    call = n ? slots[0].call : NULL;
+
     if (why == NGX_HTTP_SBX_GONE_EXITING) {
-        if (call) {
-            ngx_http_sbx_call_finish(call, NGX_HTTP_SBX_CALL_DIED);
+        for (i = 0; i < n; i++) {
+            if (slots[i].call) {
+                ngx_http_sbx_call_finish(slots[i].call,
+                                         NGX_HTTP_SBX_CALL_DIED);
+            }
         }
 
         return;
+    }
+
+    /* the calls behind the running one never started: they go first */
+    for (i = n; i > 1; i--) {
+        if (slots[i - 1].call) {
+            ngx_http_sbx_requeue(pool, slots[i - 1].call);
+        }
     }
 
     /* a helper that never became ready backs off; others come back now */
@@ -607,6 +659,7 @@ ngx_http_sbx_helper_gone(ngx_http_sbx_helper_t *h, ngx_uint_t why)
         }
 
         if (why != NGX_HTTP_SBX_GONE_RECYCLED
+            && why != NGX_HTTP_SBX_GONE_DROPPED
             && ++pool->deaths > 10 * pool->size)
         {
             /* a crash loop: respawn at a bounded rate */
@@ -623,12 +676,11 @@ ngx_http_sbx_helper_gone(ngx_http_sbx_helper_t *h, ngx_uint_t why)
                                        : NGX_HTTP_SBX_CALL_DIED);
     }
 
-    /* with no helper left that could start, waiting calls fail closed */
-    if (pool->alive == 0) {
-        ngx_http_sbx_dispatch(pool);
-    }
-
-    ngx_http_sbx_report(pool);
+    /*
+     * requeued calls may run elsewhere now; with no helper left that could
+     * start, waiting calls fail closed
+     */
+    ngx_http_sbx_dispatch(pool);
 }
 
 
@@ -661,12 +713,12 @@ ngx_http_sbx_helper_timeout(ngx_event_t *ev)
         return;
     }
 
-    if (h->call) {
+    if (h->nslots && h->slots[0].call) {
         ngx_log_error(NGX_LOG_ERR, h->pool->log, 0,
                       "sbx: helper %P of pool \"%V\" killed: connector "
                       "\"%V\" ran past its timeout of %Mms",
-                      h->pid, &h->pool->name, &h->call->connector->name,
-                      h->call->connector->timeout);
+                      h->pid, &h->pool->name, &h->slots[0].connector->name,
+                      h->slots[0].connector->timeout);
 
     } else {
         ngx_log_error(NGX_LOG_ERR, h->pool->log, 0,
@@ -682,37 +734,83 @@ static void
 ngx_http_sbx_helper_write(ngx_event_t *wev)
 {
     ssize_t                 n;
+    ngx_http_sbx_call_t    *call;
     ngx_connection_t       *c = wev->data;
     ngx_http_sbx_helper_t  *h = c->data;
 
-    while (h->obuf && h->osent < h->olen) {
-        n = write(c->fd, h->obuf + h->osent, h->olen - h->osent);
+    for ( ;; ) {
 
-        if (n > 0) {
-            h->osent += n;
-            continue;
-        }
+        while (h->obuf && h->osent < h->olen) {
+            n = write(c->fd, h->obuf + h->osent, h->olen - h->osent);
 
-        if (n == -1 && ngx_errno == NGX_EINTR) {
-            continue;
-        }
-
-        if (n == -1 && ngx_errno == NGX_EAGAIN) {
-            wev->ready = 0;
-
-            if (ngx_handle_write_event(wev, 0) != NGX_OK) {
-                ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_EOF);
+            if (n > 0) {
+                h->osent += n;
+                continue;
             }
 
+            if (n == -1 && ngx_errno == NGX_EINTR) {
+                continue;
+            }
+
+            if (n == -1 && ngx_errno == NGX_EAGAIN) {
+                wev->ready = 0;
+
+                if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+                    ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_EOF);
+                }
+
+                return;
+            }
+
+            /* the helper is gone: its read side reports why */
+            ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_EOF);
             return;
         }
 
-        /* the helper is gone: its read side reports why */
-        ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_EOF);
+        if (h->obuf && h->wslot) {
+            h->nwritten++;
+        }
+
+        h->obuf = NULL;
+        h->wslot = 0;
+
+        if (h->state == NGX_HTTP_SBX_H_STARTING || h->nwritten >= h->nslots) {
+            return;
+        }
+
+        /* the next pipelined call (unsent calls are never abandoned) */
+        call = h->slots[h->nwritten].call;
+
+        h->obuf = call->out->pos;
+        h->olen = call->out->last - call->out->pos;
+        h->osent = 0;
+        h->wslot = 1;
+    }
+}
+
+
+/* the deadline of the call the helper runs now */
+
+static void
+ngx_http_sbx_arm_head(ngx_http_sbx_helper_t *h)
+{
+    ngx_msec_t  t;
+
+    if (h->timer.timer_set) {
+        ngx_del_timer(&h->timer);
+    }
+
+    if (h->nslots == 0) {
+        h->state = NGX_HTTP_SBX_H_IDLE;
         return;
     }
 
-    h->obuf = NULL;
+    h->state = NGX_HTTP_SBX_H_BUSY;
+    h->head_start = ngx_current_msec;
+
+    /* the helper stops the script at the deadline; this is the backstop */
+    t = h->slots[0].connector->timeout;
+    ngx_add_timer(&h->timer, t + 50 + t / 10);
 }
 
 
@@ -721,19 +819,17 @@ ngx_http_sbx_helper_complete(ngx_http_sbx_helper_t *h, sbx_frame_hdr_t *fh,
     u_char *payload)
 {
     uint32_t              cpu_ms;
-    ngx_uint_t            recycle;
+    ngx_pid_t             pid;
     ngx_http_sbx_call_t  *call;
     ngx_http_sbx_pool_t  *pool = h->pool;
 
-    call = h->call;
+    call = h->slots[0].call;
 
-    if (h->timer.timer_set) {
-        ngx_del_timer(&h->timer);
-    }
+    h->nslots--;
+    h->nwritten--;
+    ngx_memmove(&h->slots[0], &h->slots[1],
+                h->nslots * sizeof(ngx_http_sbx_slot_t));
 
-    h->call = NULL;
-    h->discard = 0;
-    h->state = NGX_HTTP_SBX_H_IDLE;
     h->served++;
 
     /* outcome u8, instructions u64, memory u64, time u32, cpu u32 */
@@ -743,10 +839,18 @@ ngx_http_sbx_helper_complete(ngx_http_sbx_helper_t *h, sbx_frame_hdr_t *fh,
         ngx_memcpy(&cpu_ms, payload + 21, 4);
     }
 
-    recycle = (pool->max_requests && h->served >= pool->max_requests)
-              || cpu_ms > NGX_HTTP_SBX_CPU_RECYCLE_MS;
+    if ((pool->max_requests && h->served >= pool->max_requests)
+        || cpu_ms > NGX_HTTP_SBX_CPU_RECYCLE_MS)
+    {
+        h->recycle = 1;
+    }
+
+    ngx_http_sbx_arm_head(h);
+
+    pid = h->pid;
 
     if (call) {
+        call->helper = NULL;
         call->result = ngx_pnalloc(call->request->pool, fh->len);
 
         if (call->result == NULL) {
@@ -755,12 +859,17 @@ ngx_http_sbx_helper_complete(ngx_http_sbx_helper_t *h, sbx_frame_hdr_t *fh,
         } else {
             ngx_memcpy(call->result, payload, fh->len);
             call->result_len = fh->len;
-            call->helper_pid = h->pid;
+            call->helper_pid = pid;
             ngx_http_sbx_call_finish(call, SBX_OUT_RESPONSE);
         }
     }
 
-    if (recycle && h->state == NGX_HTTP_SBX_H_IDLE) {
+    /* finishing the call may have ended this helper: then stop here */
+    if (h->pid != pid || h->state == NGX_HTTP_SBX_H_DEAD) {
+        return;
+    }
+
+    if (h->recycle && h->nslots == 0) {
         ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_RECYCLED);
         return;
     }
@@ -822,11 +931,10 @@ ngx_http_sbx_helper_frame(ngx_http_sbx_helper_t *h, sbx_frame_hdr_t *fh,
         return NGX_ERROR;
 
     case SBX_MSG_RESULT:
-        if (h->state != NGX_HTTP_SBX_H_BUSY) {
-            break;
-        }
-
-        if (h->call && fh->id != h->call->id) {
+        /* the result of the call it runs, which it must have received */
+        if (h->state != NGX_HTTP_SBX_H_BUSY || h->nwritten == 0
+            || fh->id != h->slots[0].id)
+        {
             break;
         }
 
@@ -958,15 +1066,17 @@ ngx_http_sbx_helper_read(ngx_event_t *rev)
 static void
 ngx_http_sbx_assign(ngx_http_sbx_helper_t *h, ngx_http_sbx_call_t *call)
 {
+    ngx_http_sbx_slot_t       *slot;
     ngx_http_sbx_connector_t  *c = call->connector;
 
-    h->state = NGX_HTTP_SBX_H_BUSY;
-    h->call = call;
-    h->discard = 0;
+    slot = &h->slots[h->nslots++];
+    slot->call = call;
+    slot->connector = c;
+    slot->id = ++h->next_id;
 
     call->helper = h;
     call->helper_pid = h->pid;
-    call->id = ++h->next_id;
+    call->id = slot->id;
     call->start = ngx_current_msec;
 
     sbx_frame_hdr_write(call->out->pos,
@@ -975,29 +1085,70 @@ ngx_http_sbx_assign(ngx_http_sbx_helper_t *h, ngx_http_sbx_call_t *call)
                         SBX_MSG_CALL, (uint16_t) call->hook, call->id,
                         (uint32_t) c->index);
 
-    h->obuf = call->out->pos;
-    h->olen = call->out->last - call->out->pos;
-    h->osent = 0;
+    if (h->nslots == 1) {
+        ngx_http_sbx_arm_head(h);
+    }
 
-    /* the helper stops the script at the deadline; this is the backstop */
-    ngx_add_timer(&h->timer, c->timeout + 50 + c->timeout / 10);
-
-    ngx_http_sbx_helper_write(h->c->write);
+    if (h->obuf == NULL) {
+        ngx_http_sbx_helper_write(h->c->write);
+    }
 }
 
 
 static ngx_http_sbx_helper_t *
 ngx_http_sbx_idle_helper(ngx_http_sbx_pool_t *pool)
 {
-    ngx_uint_t  i;
+    ngx_uint_t              i;
+    ngx_http_sbx_helper_t  *h, *best;
+
+    best = NULL;
 
     for (i = 0; i < pool->size; i++) {
-        if (pool->helpers[i].state == NGX_HTTP_SBX_H_IDLE) {
-            return &pool->helpers[i];
+        h = &pool->helpers[i];
+
+        if (h->recycle) {
+            continue;
+        }
+
+        if (h->state == NGX_HTTP_SBX_H_IDLE) {
+            return h;
+        }
+
+        /*
+         * pipelining: never behind a call that is already taking long, and
+         * never past the helper's max_requests
+         */
+        if (h->state != NGX_HTTP_SBX_H_BUSY
+            || h->nslots >= pool->pipeline
+            || ngx_current_msec - h->head_start > NGX_HTTP_SBX_PIPELINE_AGE
+            || (pool->max_requests
+                && h->served + h->nslots >= pool->max_requests))
+        {
+            continue;
+        }
+
+        if (best == NULL || h->nslots < best->nslots) {
+            best = h;
         }
     }
 
-    return NULL;
+    return best;
+}
+
+
+static void
+ngx_http_sbx_requeue(ngx_http_sbx_pool_t *pool, ngx_http_sbx_call_t *call)
+{
+    call->helper = NULL;
+    call->queued = 1;
+
+    ngx_queue_insert_head(&pool->queue, &call->queue);
+    pool->queued++;
+
+    if (!call->wait_ev.timer_set) {
+        ngx_add_timer(&call->wait_ev, ngx_max(call->connector->timeout,
+                                              1000));
+    }
 }
 
 
@@ -1127,6 +1278,10 @@ ngx_http_sbx_call_start(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 
     call->request = r;
 
+    call->wait_ev.handler = ngx_http_sbx_call_wait_timeout;
+    call->wait_ev.data = call;
+    call->wait_ev.log = r->connection->log;
+
     if (pool->helpers == NULL) {
         call->outcome = NGX_HTTP_SBX_CALL_UNAVAILABLE;
         return NGX_DECLINED;
@@ -1172,9 +1327,6 @@ ngx_http_sbx_call_start(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
     call->queued = 1;
     pool->queued++;
 
-    call->wait_ev.handler = ngx_http_sbx_call_wait_timeout;
-    call->wait_ev.data = call;
-    call->wait_ev.log = r->connection->log;
     ngx_add_timer(&call->wait_ev, ngx_max(call->connector->timeout, 1000));
 
     ngx_http_sbx_report(pool);
@@ -1188,6 +1340,7 @@ ngx_http_sbx_call_start(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 void
 ngx_http_sbx_call_cancel(ngx_http_sbx_call_t *call)
 {
+    ngx_uint_t              i;
     ngx_http_sbx_pool_t    *pool = call->connector->pool;
     ngx_http_sbx_helper_t  *h;
 
@@ -1207,29 +1360,53 @@ ngx_http_sbx_call_cancel(ngx_http_sbx_call_t *call)
 
     h = call->helper;
 
-    if (h == NULL || h->call != call) {
+    if (h == NULL) {
+        return;
+    }
+
+    for (i = 0; i < h->nslots; i++) {
+        if (h->slots[i].call == call) {
+            break;
+        }
+    }
+
+    if (i == h->nslots) {
         return;
     }
 
     call->helper = NULL;
 
-    if (h->obuf && h->osent < h->olen) {
-        /* the frame lives in the request's memory: drop the helper */
-        h->call = NULL;
-        ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_EXITING);
-
-        if (!ngx_exiting && !ngx_quit
-            && ngx_http_sbx_helper_spawn(h) != NGX_OK)
-        {
-            ngx_add_timer(&h->respawn_ev, h->backoff);
-        }
-
+    if (i < h->nwritten) {
+        /* sent: let it finish (its deadline still guards it), drop it */
+        h->slots[i].call = NULL;
         return;
     }
 
-    /* let the script finish (its timer still guards it); drop its result */
-    h->call = NULL;
-    h->discard = 1;
+    if (i == h->nwritten && h->wslot && h->osent) {
+        /* partly sent, from the request's memory: the helper must go */
+        h->slots[i].call = NULL;
+        ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_DROPPED);
+        return;
+    }
+
+    /* not sent at all: forget it */
+    if (i == h->nwritten && h->wslot) {
+        h->obuf = NULL;
+        h->wslot = 0;
+    }
+
+    h->nslots--;
+    ngx_memmove(&h->slots[i], &h->slots[i + 1],
+                (h->nslots - i) * sizeof(ngx_http_sbx_slot_t));
+
+    if (i == 0) {
+        /* it was next to run (nothing was sent yet) */
+        ngx_http_sbx_arm_head(h);
+    }
+
+    if (h->obuf == NULL) {
+        ngx_http_sbx_helper_write(h->c->write);
+    }
 }
 
 
