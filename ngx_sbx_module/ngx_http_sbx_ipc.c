@@ -406,7 +406,8 @@ ngx_http_sbx_ipc_log_lines(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
     ngx_str_t    id;
     ngx_uint_t   lv;
 
-    if (sbx_get_count(rd, &n, SBX_MAX_LOG_LINES, 5) != 0) {
+    /* the lines, and a notice when the helper dropped more */
+    if (sbx_get_count(rd, &n, SBX_MAX_LOG_LINES + 1, 5) != 0) {
         return NGX_ERROR;
     }
 
