@@ -378,3 +378,24 @@ if [ "$RESIDENCY" = 1 ] && [ -f "$ROOT/bench/residency.sh" ]; then
     BUILD=$BUILD sh "$ROOT/bench/residency.sh" 3 3 \
         || echo "bench: residency.sh failed (not counted)"
 fi
+
+# ---------------------------------------------------------------- rate limits
+
+if [ "${RATELIMIT:-1}" = 1 ] && [ -f "$ROOT/bench/ratelimit.sh" ]; then
+    echo
+    echo "bench: bench/ratelimit.sh (static file behind limit_req, sbx_rate_limit" \
+         "with Redis, OpenResty + lua-resty-redis, deny-cache flood; ~55 s," \
+         "RATELIMIT=0 skips it)"
+    BUILD=$BUILD NGINX=$NGINX_BIN sh "$ROOT/bench/ratelimit.sh" \
+        || echo "bench: ratelimit.sh failed (not counted)"
+fi
+
+# ---------------------------------------------------------------- audit log
+
+if [ "${AUDIT:-1}" = 1 ] && [ -f "$ROOT/bench/audit.sh" ]; then
+    echo
+    echo "bench: bench/audit.sh (connector with and without sbx_audit_log" \
+         "chain=on; ~55 s, AUDIT=0 skips it)"
+    BUILD=$BUILD NGINX=$NGINX_BIN POOL_SIZE=$POOL_SIZE PIPELINE=$PIPELINE \
+        sh "$ROOT/bench/audit.sh" || echo "bench: audit.sh failed (not counted)"
+fi
