@@ -2,11 +2,15 @@
  * ngx_http_sbx_audit.c: the audit log (DESIGN.md section 7).
  *
  *     sbx_audit_log PATH | off [chain=on|off] [anonymize=on|off]
- *                   [headers=NAME,...];
+ *                   [headers=NAME,...] [buffer=SIZE [flush=TIME]];
  *
  * One JSON object per line for every request to a connector route, written
  * in the log phase with a single write() on an O_APPEND descriptor, so that
- * the lines of several workers never interleave.  The file is opened with
+ * the lines of several workers never interleave.  With buffer=, a worker
+ * keeps its lines (without "seq" and "prev") and writes them together,
+ * still whole and in one write(), when the buffer is full, after flush=
+ * (default 1s), on reopen and at exit; "seq" and "prev" are assigned at
+ * that moment, under the zone's mutex.  The file is opened with
  * ngx_conf_open_file(): "nginx -s reopen" (USR1) reopens it like
  * access_log.
  *
@@ -55,13 +59,43 @@ typedef struct {
     ngx_flag_t                    anonymize;
     ngx_array_t                  *headers;       /* ngx_str_t, lower case */
 
+    size_t                        buffer;        /* 0: a write per line */
+    ngx_msec_t                    flush;
+
     ngx_shm_zone_t               *shm_zone;
     ngx_slab_pool_t              *shpool;
     ngx_http_sbx_audit_sh_t      *sh;
+
+    /* worker-local, buffer= only: lines not written yet, and room for them
+     * with their "seq" and "prev" */
+    u_char                       *bstart;
+    u_char                       *bpos;
+    ngx_uint_t                    blines;
+    u_char                       *out;
+    size_t                        out_size;
+    ngx_event_t                   flush_ev;
 } ngx_http_sbx_audit_main_conf_t;
 
 
+/* what "seq" and "prev" add to a line, at most */
+#define NGX_HTTP_SBX_AUDIT_SUFFIX_MAX                                         \
+    (sizeof(",\"seq\":,\"prev\":\"\"}\n") - 1 + NGX_INT64_LEN                \
+     + 2 * NGX_HTTP_SBX_AUDIT_HASH_LEN)
+
+/* the shortest line there can be: its fixed text alone */
+#define NGX_HTTP_SBX_AUDIT_LINE_MIN    256
+
+
 static ngx_int_t ngx_http_sbx_audit_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_sbx_audit_buffer(ngx_http_request_t *r,
+    ngx_http_sbx_audit_main_conf_t *amcf, u_char *line, size_t len);
+static void ngx_http_sbx_audit_flush(ngx_http_sbx_audit_main_conf_t *amcf,
+    ngx_log_t *log);
+static void ngx_http_sbx_audit_flush_handler(ngx_event_t *ev);
+static void ngx_http_sbx_audit_file_flush(ngx_open_file_t *file,
+    ngx_log_t *log);
+static ngx_int_t ngx_http_sbx_audit_init_process(ngx_cycle_t *cycle);
+static void ngx_http_sbx_audit_exit_process(ngx_cycle_t *cycle);
 static u_char *ngx_http_sbx_audit_client(ngx_http_request_t *r,
     ngx_flag_t anonymize, u_char *buf);
 static ngx_table_elt_t *ngx_http_sbx_audit_header(ngx_http_request_t *r,
@@ -129,10 +163,10 @@ ngx_module_t  ngx_http_sbx_audit_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_sbx_audit_init_process,       /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_sbx_audit_exit_process,       /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -332,7 +366,243 @@ ngx_http_sbx_audit_log_handler(ngx_http_request_t *r)
 
     /* "seq", "prev" and the end: under the lock */
 
+    if (amcf->buffer && amcf->bstart) {
+        return ngx_http_sbx_audit_buffer(r, amcf, line, p - line);
+    }
+
     return ngx_http_sbx_audit_write(r, amcf, line, p, end);
+}
+
+
+/* buffer=: keep the line (its "seq" and "prev" come at the flush) */
+
+static ngx_int_t
+ngx_http_sbx_audit_buffer(ngx_http_request_t *r,
+    ngx_http_sbx_audit_main_conf_t *amcf, u_char *line, size_t len)
+{
+    u_char  *end;
+
+    /* the lines kept and their "seq" and "prev" always fit amcf->out */
+    if (amcf->bpos + len + 1 > amcf->bstart + amcf->buffer
+        || (size_t) (amcf->bpos - amcf->bstart) + len + 1
+           + (amcf->blines + 1) * NGX_HTTP_SBX_AUDIT_SUFFIX_MAX
+           > amcf->out_size)
+    {
+        ngx_http_sbx_audit_flush(amcf, r->connection->log);
+    }
+
+    if (len + 1 > amcf->buffer) {
+        /* larger than the whole buffer: on its own, at once */
+        end = line + len + NGX_HTTP_SBX_AUDIT_SUFFIX_MAX;
+        return ngx_http_sbx_audit_write(r, amcf, line, line + len, end);
+    }
+
+    /* a line never holds a raw newline: it separates the lines kept */
+    amcf->bpos = ngx_cpymem(amcf->bpos, line, len);
+    *amcf->bpos++ = '\n';
+    amcf->blines++;
+
+    if (!amcf->flush_ev.timer_set) {
+        ngx_add_timer(&amcf->flush_ev, amcf->flush);
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Writes the lines kept, each with its "seq" and "prev", in one write():
+ * the chain state is taken and advanced under the zone's mutex, as for a
+ * single line.
+ */
+
+static void
+ngx_http_sbx_audit_flush(ngx_http_sbx_audit_main_conf_t *amcf,
+    ngx_log_t *log)
+{
+    u_char                   *p, *nl, *o, *start;
+    u_char                    prev[NGX_HTTP_SBX_AUDIT_HASH_LEN];
+    size_t                    len;
+    ssize_t                   n;
+    uint64_t                  seq;
+    ngx_fd_t                  fd;
+    ngx_err_t                 err;
+    ngx_flag_t                has_prev;
+    ngx_file_info_t           fi;
+    ngx_http_sbx_audit_sh_t  *sh;
+
+    if (amcf->flush_ev.timer_set) {
+        ngx_del_timer(&amcf->flush_ev);
+    }
+
+    if (amcf->bstart == NULL || amcf->bpos == amcf->bstart) {
+        return;
+    }
+
+    fd = amcf->file->fd;
+    sh = amcf->sh;
+
+    if (fd == NGX_INVALID_FILE || sh == NULL) {
+        amcf->bpos = amcf->bstart;
+        amcf->blines = 0;
+        return;
+    }
+
+    ngx_shmtx_lock(&amcf->shpool->mutex);
+
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR) {
+        err = ngx_errno;
+        ngx_shmtx_unlock(&amcf->shpool->mutex);
+
+        ngx_log_error(NGX_LOG_ERR, log, err,
+                      "sbx_audit_log: fstat(\"%V\") failed, %uz bytes of "
+                      "audit lines lost", &amcf->file->name,
+                      (size_t) (amcf->bpos - amcf->bstart));
+        amcf->bpos = amcf->bstart;
+        amcf->blines = 0;
+        return;
+    }
+
+    if (!sh->known
+        || sh->dev != fi.st_dev
+        || sh->ino != fi.st_ino
+        || sh->size != fi.st_size
+        || (amcf->chain && !sh->has_prev && fi.st_size > 0))
+    {
+        ngx_http_sbx_audit_resync(log, amcf, fd, &fi);
+    }
+
+    seq = sh->seq;
+    has_prev = amcf->chain && sh->has_prev;
+    ngx_memcpy(prev, sh->prev, NGX_HTTP_SBX_AUDIT_HASH_LEN);
+
+    o = amcf->out;
+
+    for (p = amcf->bstart; p < amcf->bpos; p = nl + 1) {
+        nl = ngx_strlchr(p, amcf->bpos, '\n');
+        if (nl == NULL) {
+            break;
+        }
+
+        start = o;
+        o = ngx_cpymem(o, p, nl - p);
+        o = ngx_sprintf(o, ",\"seq\":%uL,\"prev\":", ++seq);
+
+        if (has_prev) {
+            *o++ = '"';
+            o = ngx_hex_dump(o, prev, NGX_HTTP_SBX_AUDIT_HASH_LEN);
+            *o++ = '"';
+
+        } else {
+            o = ngx_cpymem(o, "null", 4);
+        }
+
+        *o++ = '}';
+
+        has_prev = amcf->chain
+                   && ngx_http_sbx_audit_hash(start, o - start, prev)
+                      == NGX_OK;
+
+        *o++ = '\n';
+    }
+
+    len = o - amcf->out;
+    amcf->bpos = amcf->bstart;
+    amcf->blines = 0;
+
+    n = ngx_write_fd(fd, amcf->out, len);
+
+    if (n == (ssize_t) len) {
+        sh->seq = seq;
+        sh->size = fi.st_size + n;
+        sh->has_prev = has_prev;
+        ngx_memcpy(sh->prev, prev, NGX_HTTP_SBX_AUDIT_HASH_LEN);
+
+        ngx_shmtx_unlock(&amcf->shpool->mutex);
+        return;
+    }
+
+    err = ngx_errno;
+
+    /* whatever reached the file, the next line starts from what is there */
+    sh->known = 0;
+
+    ngx_shmtx_unlock(&amcf->shpool->mutex);
+
+    if (n == -1) {
+        ngx_log_error(NGX_LOG_ERR, log, err,
+                      "sbx_audit_log: write() to \"%V\" failed, %uz bytes "
+                      "of audit lines lost", &amcf->file->name, len);
+
+    } else {
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "sbx_audit_log: write() to \"%V\" was incomplete: "
+                      "%z of %uz", &amcf->file->name, n, len);
+    }
+}
+
+
+static void
+ngx_http_sbx_audit_flush_handler(ngx_event_t *ev)
+{
+    ngx_http_sbx_audit_flush(ev->data, ev->log);
+}
+
+
+/* nginx calls it before it reopens the file (USR1) */
+
+static void
+ngx_http_sbx_audit_file_flush(ngx_open_file_t *file, ngx_log_t *log)
+{
+    ngx_http_sbx_audit_flush(file->data, log);
+}
+
+
+static ngx_int_t
+ngx_http_sbx_audit_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_sbx_audit_main_conf_t  *amcf;
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_sbx_audit_module);
+
+    if (amcf == NULL || amcf->file == NULL || amcf->buffer == 0) {
+        return NGX_OK;
+    }
+
+    amcf->bstart = ngx_palloc(cycle->pool, amcf->buffer);
+
+    amcf->out_size = amcf->buffer
+                     + (amcf->buffer / NGX_HTTP_SBX_AUDIT_LINE_MIN + 1)
+                       * NGX_HTTP_SBX_AUDIT_SUFFIX_MAX;
+    amcf->out = ngx_palloc(cycle->pool, amcf->out_size);
+
+    if (amcf->bstart == NULL || amcf->out == NULL) {
+        return NGX_ERROR;
+    }
+
+    amcf->bpos = amcf->bstart;
+
+    amcf->flush_ev.handler = ngx_http_sbx_audit_flush_handler;
+    amcf->flush_ev.data = amcf;
+    amcf->flush_ev.log = cycle->log;
+    amcf->flush_ev.cancelable = 1;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_sbx_audit_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_sbx_audit_main_conf_t  *amcf;
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_sbx_audit_module);
+
+    if (amcf && amcf->file) {
+        ngx_http_sbx_audit_flush(amcf, cycle->log);
+    }
 }
 
 
@@ -862,7 +1132,9 @@ ngx_http_sbx_audit_log(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_sbx_audit_main_conf_t *amcf = conf;
 
     char        *rv;
-    ngx_str_t   *value;
+    ssize_t      size;
+    ngx_str_t   *value, s;
+    ngx_msec_t   flush;
     ngx_uint_t   i;
 
     if (amcf->set) {
@@ -899,6 +1171,38 @@ ngx_http_sbx_audit_log(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         } else if (ngx_strncmp(value[i].data, "anonymize=", 10) == 0) {
             rv = ngx_http_sbx_audit_flag(cf, &value[i], 10, &amcf->anonymize);
 
+        } else if (ngx_strncmp(value[i].data, "buffer=", 7) == 0) {
+            s.data = value[i].data + 7;
+            s.len = value[i].len - 7;
+            size = ngx_parse_size(&s);
+
+            if (size < 4096 || size > 16 * 1024 * 1024) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"buffer=\" \"%V\" in "
+                                   "\"sbx_audit_log\" (expected a size from "
+                                   "4k to 16m)", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            amcf->buffer = (size_t) size;
+            rv = NGX_CONF_OK;
+
+        } else if (ngx_strncmp(value[i].data, "flush=", 6) == 0) {
+            s.data = value[i].data + 6;
+            s.len = value[i].len - 6;
+            flush = ngx_parse_time(&s, 0);
+
+            if (flush == (ngx_msec_t) NGX_ERROR || flush == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"flush=\" \"%V\" in "
+                                   "\"sbx_audit_log\" (expected a time such "
+                                   "as 500ms or 1s)", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            amcf->flush = flush;
+            rv = NGX_CONF_OK;
+
         } else if (ngx_strncmp(value[i].data, "headers=", 8) == 0) {
             if (amcf->headers) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -912,8 +1216,9 @@ ngx_http_sbx_audit_log(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         } else {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid parameter \"%V\" in \"sbx_audit_log\" "
-                               "(expected chain=on|off, anonymize=on|off or "
-                               "headers=NAME,...)", &value[i]);
+                               "(expected chain=on|off, anonymize=on|off, "
+                               "headers=NAME,..., buffer=SIZE or flush=TIME)",
+                               &value[i]);
             return NGX_CONF_ERROR;
         }
 
@@ -922,9 +1227,33 @@ ngx_http_sbx_audit_log(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
+    if (amcf->flush && amcf->buffer == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"flush=\" in \"sbx_audit_log\" needs "
+                           "\"buffer=\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (amcf->flush == 0) {
+        amcf->flush = 1000;
+    }
+
     amcf->file = ngx_conf_open_file(cf->cycle, &value[1]);
     if (amcf->file == NULL) {
         return NGX_CONF_ERROR;
+    }
+
+    if (amcf->buffer) {
+        if (amcf->file->flush) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"sbx_audit_log\" with \"buffer=\" cannot "
+                               "share \"%V\" with another buffered log",
+                               &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        amcf->file->flush = ngx_http_sbx_audit_file_flush;
+        amcf->file->data = amcf;
     }
 
     amcf->shm_zone = ngx_shared_memory_add(cf, &ngx_http_sbx_audit_zone_name,
