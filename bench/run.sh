@@ -398,4 +398,10 @@ if [ "${AUDIT:-1}" = 1 ] && [ -f "$ROOT/bench/audit.sh" ]; then
          "chain=on; ~55 s, AUDIT=0 skips it)"
     BUILD=$BUILD NGINX=$NGINX_BIN POOL_SIZE=$POOL_SIZE PIPELINE=$PIPELINE \
         sh "$ROOT/bench/audit.sh" || echo "bench: audit.sh failed (not counted)"
+    echo
+    echo "bench: bench/audit.sh again with buffer=64k (lines written in" \
+         "batches)"
+    BUILD=$BUILD NGINX=$NGINX_BIN POOL_SIZE=$POOL_SIZE PIPELINE=$PIPELINE \
+        AUDIT_BUFFER=64k sh "$ROOT/bench/audit.sh" \
+        || echo "bench: audit.sh failed (not counted)"
 fi
