@@ -125,10 +125,33 @@ static void ngx_http_sbx_requeue(ngx_http_sbx_pool_t *pool,
 static void ngx_http_sbx_arm_head(ngx_http_sbx_helper_t *h);
 
 
+/*
+ * Calls waiting for a helper: those in the queue and those pipelined
+ * behind a running call.  Together they are bounded by sbx_pool queue=, so
+ * pipelining never lets more calls wait than the queue would.
+ */
+
+static ngx_uint_t
+ngx_http_sbx_waiting(ngx_http_sbx_pool_t *pool)
+{
+    ngx_uint_t  i, n;
+
+    n = pool->queued;
+
+    for (i = 0; pool->helpers && i < pool->size; i++) {
+        if (pool->helpers[i].nslots > 1) {
+            n += pool->helpers[i].nslots - 1;
+        }
+    }
+
+    return n;
+}
+
+
 static void
 ngx_http_sbx_report(ngx_http_sbx_pool_t *pool)
 {
-    ngx_http_sbx_metrics_pool(pool, pool->alive, pool->queued);
+    ngx_http_sbx_metrics_pool(pool, pool->alive, ngx_http_sbx_waiting(pool));
 }
 
 
@@ -1095,13 +1118,20 @@ ngx_http_sbx_assign(ngx_http_sbx_helper_t *h, ngx_http_sbx_call_t *call)
 }
 
 
+/*
+ * A helper for a call: an idle one, else a busy one to pipeline to.  A call
+ * taken from the queue may always be pipelined (it waits either way); a new
+ * one only while fewer than queue= calls wait.
+ */
+
 static ngx_http_sbx_helper_t *
-ngx_http_sbx_idle_helper(ngx_http_sbx_pool_t *pool)
+ngx_http_sbx_idle_helper(ngx_http_sbx_pool_t *pool, ngx_flag_t queued)
 {
-    ngx_uint_t              i;
+    ngx_uint_t              i, room;
     ngx_http_sbx_helper_t  *h, *best;
 
     best = NULL;
+    room = queued || ngx_http_sbx_waiting(pool) < pool->queue_max;
 
     for (i = 0; i < pool->size; i++) {
         h = &pool->helpers[i];
@@ -1118,7 +1148,8 @@ ngx_http_sbx_idle_helper(ngx_http_sbx_pool_t *pool)
          * pipelining: never behind a call that is already taking long, and
          * never past the helper's max_requests
          */
-        if (h->state != NGX_HTTP_SBX_H_BUSY
+        if (!room
+            || h->state != NGX_HTTP_SBX_H_BUSY
             || h->nslots >= pool->pipeline
             || ngx_current_msec - h->head_start > NGX_HTTP_SBX_PIPELINE_AGE
             || (pool->max_requests
@@ -1161,7 +1192,7 @@ ngx_http_sbx_dispatch(ngx_http_sbx_pool_t *pool)
     ngx_http_sbx_helper_t  *h;
 
     while (!ngx_queue_empty(&pool->queue)) {
-        h = ngx_http_sbx_idle_helper(pool);
+        h = ngx_http_sbx_idle_helper(pool, 1);
 
         if (h == NULL) {
             break;
@@ -1295,7 +1326,7 @@ ngx_http_sbx_call_start(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
     cln->handler = ngx_http_sbx_call_cleanup;
     cln->data = call;
 
-    h = ngx_http_sbx_idle_helper(pool);
+    h = ngx_http_sbx_idle_helper(pool, 0);
 
     if (h) {
         ngx_http_sbx_assign(h, call);
@@ -1317,7 +1348,7 @@ ngx_http_sbx_call_start(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
         return NGX_DECLINED;
     }
 
-    if (pool->queued >= pool->queue_max) {
+    if (ngx_http_sbx_waiting(pool) >= pool->queue_max) {
         call->request = NULL;
         call->outcome = NGX_HTTP_SBX_CALL_OVERLOADED;
         return NGX_DECLINED;

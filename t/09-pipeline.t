@@ -26,15 +26,21 @@ EOF
 $t->conf(<<'EOF');
 sbx_pool deep size=1 pipeline=8 queue=256;
 sbx_pool fail size=1 pipeline=8 queue=256;
+sbx_pool tight size=1 pipeline=8 queue=1;
 sbx_connector work {
     script %%PREFIX%%/work.lua; pool deep;
     limits timeout=2s instructions=1000000000;
 }
 sbx_connector victim { script %%PREFIX%%/work.lua; pool fail; limits timeout=2s; }
+sbx_connector tight {
+    script %%PREFIX%%/work.lua; pool tight;
+    limits timeout=2s instructions=1000000000;
+}
 server {
     listen 127.0.0.1:%%PORT%%;
     location /work   { sbx_connector work; }
     location /victim { sbx_connector victim; }
+    location /tight  { sbx_connector tight; }
 }
 EOF
 $t->start;
@@ -104,6 +110,35 @@ is($r->{status}, 200, 'a call that arrived during it is answered too');
 cmp_ok($took, '>', 0.2,
        'and waited in the queue (one helper, so it could not run before)');
 
+# --- pipelined calls count against queue= ------------------------------------
+
+{
+    my @pids;
+    for my $c (1 .. 4) {
+        my $pid = fork;
+        die "fork: $!" unless defined $pid;
+        if ($pid == 0) {
+            my $r = $t->get("/tight?ms=400&i=$c", { timeout => 10 });
+            open my $fh, '>', "$dir/tight.$c" or POSIX::_exit(1);
+            print {$fh} "$r->{status}\n";
+            close $fh;
+            POSIX::_exit(0);
+        }
+        push @pids, $pid;
+    }
+    waitpid($_, 0) for @pids;
+    my @st;
+    for my $c (1 .. 4) {
+        open my $fh, '<', "$dir/tight.$c" or next;
+        push @st, scalar(<$fh>) + 0;
+        close $fh;
+    }
+    is(scalar(grep { $_ == 200 } @st), 2,
+       'size=1 queue=1 pipeline=8: two served (running + one waiting)')
+        or diag("@st");
+    is(scalar(grep { $_ == 503 } @st), 2, 'the other two: 503 overloaded');
+}
+
 # --- kills with calls pipelined ------------------------------------------------
 
 my $kills = 0;
@@ -149,8 +184,8 @@ cmp_ok($died, '<=', $kills,
        'at most one failed call per kill: pipelined calls were run again');
 cmp_ok($count{200} // 0, '>', 50, 'and the rest were served');
 
-ok($t->wait_for(sub { scalar($t->helper_pids) == 2 }, 15),
-   'both pools back to one helper each');
+ok($t->wait_for(sub { scalar($t->helper_pids) == 3 }, 15),
+   'every pool back to one helper');
 
 $t->stop;
 $t->check_error_log;
