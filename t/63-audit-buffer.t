@@ -66,12 +66,12 @@ for my $bad ('buffer=1k', 'buffer=100m', 'buffer=abc', 'flush=1s',
 
 # --- the flush timer --------------------------------------------------------
 
-$t->conf(conf('buffer=64k flush=300ms'));
+$t->conf(conf('buffer=64k flush=2s'));
 $t->start(workers => 2);
 
 my @ids = map { $t->get('/ok')->{content} } 1 .. 5;
 is(scalar(lines_of($audit)), 0, 'lines are kept, not written at once');
-ok($t->wait_for(sub { lines_of($audit) == 5 }, 5),
+ok($t->wait_for(sub { lines_of($audit) == 5 }, 10),
    'the flush timer writes them');
 my @rec = map { decode_json($_) } lines_of($audit);
 # two workers flush on their own: a worker's lines keep their order, the
@@ -110,8 +110,14 @@ waitpid($_, 0) for @pids;
 $t->get('/ok') for 1 .. 3;
 my $n = () = lines_of($audit);
 rename $audit, "$audit.1" or die "rename: $!";
+my $reopened = () = $t->error_log =~ /reopening logs/g;
 $t->reopen;
 ok($t->wait_for(sub { -e $audit }, 5), 'reopen: a new file');
+# the master and both workers have reopened (the workers flush first)
+ok($t->wait_for(sub {
+    my $n = () = $t->error_log =~ /reopening logs/g;
+    $n >= $reopened + 3;
+}, 10), 'reopen: master and workers reopened');
 my $old = () = lines_of("$audit.1");
 cmp_ok($old, '>=', 5 + 30 + 200 + 3,
        "reopen: every line kept so far went to the renamed file ($old)");
