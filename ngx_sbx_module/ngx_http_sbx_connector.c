@@ -103,10 +103,6 @@ static void ngx_http_sbx_connector_clean_header(ngx_http_request_t *r);
 static ngx_int_t ngx_http_sbx_connector_pass(ngx_http_request_t *r,
     ngx_http_sbx_connector_ctx_t *cctx);
 
-static ngx_int_t ngx_http_sbx_connector_fail(ngx_http_request_t *r,
-    ngx_http_sbx_call_t *call, const char *hook);
-static void ngx_http_sbx_connector_account(ngx_http_request_t *r,
-    ngx_http_sbx_call_t *call);
 static ngx_http_sbx_connector_ctx_t *ngx_http_sbx_connector_get_ctx(
     ngx_http_request_t *r);
 static void ngx_http_sbx_connector_cleanup(void *data);
@@ -246,108 +242,6 @@ ngx_http_sbx_connector_cleanup(void *data)
 }
 
 
-static void
-ngx_http_sbx_connector_account(ngx_http_request_t *r,
-    ngx_http_sbx_call_t *call)
-{
-    ngx_http_sbx_ctx_t  *ctx;
-
-    ctx = ngx_http_sbx_get_ctx(r);
-    if (ctx == NULL) {
-        return;
-    }
-
-    ctx->waiting = 0;
-    ctx->helper_pid = call->helper_pid;
-
-    if (call->start) {
-        ctx->helper_ms += ngx_current_msec - call->start;
-    }
-}
-
-
-/*
- * Maps a call that produced no usable result to the answers of DESIGN.md
- * section 6: the pool's failures, a malformed RESULT, script errors and
- * limits.  The RESULT, when there is one, has been read already.
- */
-
-static ngx_int_t
-ngx_http_sbx_connector_fail(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
-    const char *hook)
-{
-    u_char                    *p, text[SBX_MAX_ERROR_MSG * 4];
-    ngx_uint_t                 status;
-    ngx_http_sbx_decision_e    decision;
-    ngx_http_sbx_connector_t  *c = call->connector;
-
-    switch (call->outcome) {
-
-    case NGX_HTTP_SBX_CALL_OVERLOADED:
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "sbx: connector \"%V\": pool \"%V\" is overloaded",
-                      &c->name, &c->pool->name);
-        return ngx_http_sbx_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                       NGX_HTTP_SBX_OVERLOADED, 1);
-
-    case NGX_HTTP_SBX_CALL_KILLED:
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "sbx: connector \"%V\": the helper did not stop the "
-                      "%s hook at its %Mms deadline and was killed",
-                      &c->name, hook, c->timeout);
-        return ngx_http_sbx_send_error(r, NGX_HTTP_GATEWAY_TIME_OUT,
-                                       NGX_HTTP_SBX_TRANSFORM_TIMEOUT, 0);
-
-    case NGX_HTTP_SBX_CALL_UNAVAILABLE:
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "sbx: connector \"%V\": no helper of pool \"%V\" is "
-                      "running, not running the %s hook", &c->name,
-                      &c->pool->name, hook);
-        return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
-                                       NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
-
-    case NGX_HTTP_SBX_CALL_DIED:
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "sbx: connector \"%V\": the helper died while "
-                      "running the %s hook", &c->name, hook);
-        return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
-                                       NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
-
-    case SBX_OUT_SCRIPT_ERROR:
-    case SBX_OUT_BAD_RETURN:
-    case SBX_OUT_INSTRUCTIONS:
-    case SBX_OUT_MEMORY:
-        status = NGX_HTTP_INTERNAL_SERVER_ERROR;
-        decision = NGX_HTTP_SBX_TRANSFORM_ERROR;
-        break;
-
-    case SBX_OUT_TIMEOUT:
-        status = NGX_HTTP_GATEWAY_TIME_OUT;
-        decision = NGX_HTTP_SBX_TRANSFORM_TIMEOUT;
-        break;
-
-    default:
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "sbx: connector \"%V\": malformed RESULT of the %s "
-                      "hook from helper %i", &c->name, hook,
-                      call->helper_pid);
-        return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
-                                       NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
-    }
-
-    p = ngx_http_sbx_ipc_escape(text, text + sizeof(text),
-                                call->message.data, call->message.len);
-
-    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "sbx: connector \"%V\": %s hook: %s: %*s (instructions: "
-                  "%uL, memory peak: %uL bytes, time: %uD us)",
-                  &c->name, hook, sbx_outcome_name(call->outcome), p - text,
-                  text, call->instructions, call->memory_peak, call->time_us);
-
-    return ngx_http_sbx_send_error(r, status, decision, 0);
-}
-
-
 /* ---- request hook: precontent phase ---- */
 
 static ngx_int_t
@@ -429,28 +323,13 @@ ngx_http_sbx_connector_body(ngx_http_request_t *r)
     /* nothing runs the phases while the helper works */
     r->write_event_handler = ngx_http_request_empty_handler;
 
-    if (ngx_http_sbx_geo_lookup(r, ctx) != NGX_OK) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    call = ngx_pcalloc(r->pool, sizeof(ngx_http_sbx_call_t));
+    call = ngx_http_sbx_call_create(r, c, SBX_HOOK_REQUEST, NULL,
+                                    ngx_http_sbx_connector_request_done);
     if (call == NULL) {
         ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
         return;
     }
 
-    call->connector = c;
-    call->hook = SBX_HOOK_REQUEST;
-    call->done = ngx_http_sbx_connector_request_done;
-
-    call->out = ngx_http_sbx_ipc_request(r, c, SBX_HOOK_REQUEST, ctx, NULL);
-    if (call->out == NULL) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    ctx->call = call;
     cctx->call = call;
     cctx->finished = 0;
 
@@ -482,8 +361,6 @@ ngx_http_sbx_connector_request_done(ngx_http_request_t *r,
 
     c = r->connection;
 
-    ngx_http_sbx_connector_account(r, call);
-
     cctx = ngx_http_get_module_ctx(r, ngx_http_sbx_connector_module);
 
     if (cctx->starting) {
@@ -509,16 +386,14 @@ ngx_http_sbx_connector_request_finish(ngx_http_request_t *r,
 
     if (call->outcome != SBX_OUT_RESPONSE || call->result == NULL) {
         ngx_http_finalize_request(r,
-                                  ngx_http_sbx_connector_fail(r, call,
-                                                              "request"));
+                                  ngx_http_sbx_call_fail(r, call, "request"));
         return;
     }
 
     if (ngx_http_sbx_ipc_result(r, call, &rd) != NGX_OK) {
         call->outcome = 0;
         ngx_http_finalize_request(r,
-                                  ngx_http_sbx_connector_fail(r, call,
-                                                              "request"));
+                                  ngx_http_sbx_call_fail(r, call, "request"));
         return;
     }
 
@@ -551,8 +426,7 @@ ngx_http_sbx_connector_request_finish(ngx_http_request_t *r,
 
     default:
         ngx_http_finalize_request(r,
-                                  ngx_http_sbx_connector_fail(r, call,
-                                                              "request"));
+                                  ngx_http_sbx_call_fail(r, call, "request"));
         return;
     }
 
@@ -1135,15 +1009,8 @@ ngx_http_sbx_connector_response_start(ngx_http_request_t *r,
     ngx_http_sbx_upstream_answer_t   answer;
 
     c = ngx_http_sbx_connector_of(r);
-    ctx = ngx_http_sbx_get_ctx(r);
 
-    call = ngx_pcalloc(r->pool, sizeof(ngx_http_sbx_call_t));
-
-    if (c == NULL || ctx == NULL || call == NULL) {
-        goto failed;
-    }
-
-    if (ngx_http_sbx_geo_lookup(r, ctx) != NGX_OK) {
+    if (c == NULL) {
         goto failed;
     }
 
@@ -1179,17 +1046,13 @@ ngx_http_sbx_connector_response_start(ngx_http_request_t *r,
         answer.body->next = NULL;
     }
 
-    call->connector = c;
-    call->hook = SBX_HOOK_RESPONSE;
-    call->done = ngx_http_sbx_connector_response_done;
-
-    call->out = ngx_http_sbx_ipc_request(r, c, SBX_HOOK_RESPONSE, ctx,
-                                         &answer);
-    if (call->out == NULL) {
+    call = ngx_http_sbx_call_create(r, c, SBX_HOOK_RESPONSE, &answer,
+                                    ngx_http_sbx_connector_response_done);
+    if (call == NULL) {
         goto failed;
     }
 
-    ctx->call = call;
+    ctx = ngx_http_get_module_ctx(r, ngx_http_sbx_module);
     cctx->call = call;
     cctx->finished = 0;
     cctx->rs_state = NGX_HTTP_SBX_RS_CALLING;
@@ -1227,8 +1090,6 @@ ngx_http_sbx_connector_response_done(ngx_http_request_t *r,
     ngx_http_sbx_connector_ctx_t  *cctx;
 
     c = r->connection;
-
-    ngx_http_sbx_connector_account(r, call);
 
     cctx = ngx_http_get_module_ctx(r, ngx_http_sbx_connector_module);
 
@@ -1345,14 +1206,14 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
 
     if (call->outcome != SBX_OUT_RESPONSE || call->result == NULL) {
         ngx_http_sbx_connector_clean_header(r);
-        rc = ngx_http_sbx_connector_fail(r, call, "response");
+        rc = ngx_http_sbx_call_fail(r, call, "response");
         goto done;
     }
 
     if (ngx_http_sbx_ipc_result(r, call, &rd) != NGX_OK) {
         call->outcome = 0;
         ngx_http_sbx_connector_clean_header(r);
-        rc = ngx_http_sbx_connector_fail(r, call, "response");
+        rc = ngx_http_sbx_call_fail(r, call, "response");
         goto done;
     }
 
@@ -1376,7 +1237,7 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
 
     default:
         ngx_http_sbx_connector_clean_header(r);
-        rc = ngx_http_sbx_connector_fail(r, call, "response");
+        rc = ngx_http_sbx_call_fail(r, call, "response");
     }
 
 done:

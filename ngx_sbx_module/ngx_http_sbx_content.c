@@ -18,8 +18,6 @@ static void ngx_http_sbx_content_done(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call);
 static ngx_int_t ngx_http_sbx_content_outcome(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call);
-static ngx_int_t ngx_http_sbx_content_fail(ngx_http_request_t *r,
-    ngx_http_sbx_call_t *call);
 
 
 static ngx_str_t  ngx_http_sbx_hop_by_hop[] = {
@@ -80,38 +78,17 @@ ngx_http_sbx_content_body(ngx_http_request_t *r)
     slcf = ngx_http_get_module_loc_conf(r, ngx_http_sbx_module);
     c = slcf->connector;
 
-    ctx = ngx_http_sbx_get_ctx(r);
-    if (ctx == NULL) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    if (ngx_http_sbx_geo_lookup(r, ctx) != NGX_OK) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    call = ngx_pcalloc(r->pool, sizeof(ngx_http_sbx_call_t));
+    call = ngx_http_sbx_call_create(r, c, SBX_HOOK_REQUEST, NULL,
+                                    ngx_http_sbx_content_done);
     if (call == NULL) {
         ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
         return;
     }
 
-    call->connector = c;
-    call->hook = SBX_HOOK_REQUEST;
-    call->done = ngx_http_sbx_content_done;
-
-    call->out = ngx_http_sbx_ipc_request(r, c, SBX_HOOK_REQUEST, ctx, NULL);
-    if (call->out == NULL) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    ctx->call = call;
-
     rc = ngx_http_sbx_call_start(r, call);
 
     if (rc == NGX_AGAIN) {
+        ctx = ngx_http_get_module_ctx(r, ngx_http_sbx_module);
         ctx->waiting = 1;
         return;
     }
@@ -121,44 +98,37 @@ ngx_http_sbx_content_body(ngx_http_request_t *r)
         return;
     }
 
-    ngx_http_finalize_request(r, ngx_http_sbx_content_fail(r, call));
+    ngx_http_finalize_request(r, ngx_http_sbx_call_fail(r, call, "request"));
 }
 
 
 static void
 ngx_http_sbx_content_done(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 {
-    ngx_connection_t    *c;
-    ngx_http_sbx_ctx_t  *ctx;
+    ngx_connection_t  *c;
 
     c = r->connection;
 
-    ctx = ngx_http_sbx_get_ctx(r);
-    if (ctx) {
-        ctx->waiting = 0;
-        ctx->helper_pid = call->helper_pid;
-
-        if (call->start) {
-            ctx->helper_ms += ngx_current_msec - call->start;
-        }
-    }
-
-    if (call->outcome == SBX_OUT_RESPONSE && call->result) {
-        ngx_http_finalize_request(r, ngx_http_sbx_content_outcome(r, call));
-
-    } else {
-        ngx_http_finalize_request(r, ngx_http_sbx_content_fail(r, call));
-    }
+    ngx_http_finalize_request(r, ngx_http_sbx_content_outcome(r, call));
 
     ngx_http_run_posted_requests(c);
 }
 
 
-/* the pool could not run the call: overloaded, died, killed, unavailable */
+/*
+ * Maps a call that produced no usable result to the answers of DESIGN.md
+ * section 6: the pool's failures, a malformed RESULT, script errors and
+ * limits.  The RESULT, when there is one, has been read already.
+ */
 
-static ngx_int_t
-ngx_http_sbx_content_fail(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
+ngx_int_t
+ngx_http_sbx_call_fail(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
+    const char *hook)
 {
+    u_char                    *p, text[SBX_MAX_ERROR_MSG * 4];
+    ngx_str_t                  id;
+    ngx_uint_t                 status;
+    ngx_http_sbx_decision_e    decision;
     ngx_http_sbx_connector_t  *c = call->connector;
 
     switch (call->outcome) {
@@ -173,45 +143,77 @@ ngx_http_sbx_content_fail(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
     case NGX_HTTP_SBX_CALL_KILLED:
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "sbx: connector \"%V\": the helper did not stop the "
-                      "script at its %Mms deadline and was killed",
-                      &c->name, c->timeout);
+                      "%s hook at its %Mms deadline and was killed",
+                      &c->name, hook, c->timeout);
         return ngx_http_sbx_send_error(r, NGX_HTTP_GATEWAY_TIME_OUT,
                                        NGX_HTTP_SBX_TRANSFORM_TIMEOUT, 0);
 
     case NGX_HTTP_SBX_CALL_UNAVAILABLE:
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "sbx: connector \"%V\": no helper of pool \"%V\" is "
-                      "running, not running the script", &c->name,
-                      &c->pool->name);
+                      "running, not running the %s hook", &c->name,
+                      &c->pool->name, hook);
         return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
                                        NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
 
-    default: /* NGX_HTTP_SBX_CALL_DIED */
+    case NGX_HTTP_SBX_CALL_DIED:
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "sbx: connector \"%V\": the helper died while "
-                      "running the script", &c->name);
+                      "running the %s hook", &c->name, hook);
+        return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
+                                       NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
+
+    case SBX_OUT_SCRIPT_ERROR:
+    case SBX_OUT_BAD_RETURN:
+    case SBX_OUT_INSTRUCTIONS:
+    case SBX_OUT_MEMORY:
+        status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        decision = NGX_HTTP_SBX_TRANSFORM_ERROR;
+        break;
+
+    case SBX_OUT_TIMEOUT:
+        status = NGX_HTTP_GATEWAY_TIME_OUT;
+        decision = NGX_HTTP_SBX_TRANSFORM_TIMEOUT;
+        break;
+
+    default:
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "sbx: connector \"%V\": malformed RESULT of the %s "
+                      "hook from helper %i", &c->name, hook,
+                      call->helper_pid);
         return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
                                        NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
     }
+
+    p = ngx_http_sbx_ipc_escape(text, text + sizeof(text),
+                                call->message.data, call->message.len);
+
+    ngx_http_sbx_request_id(r, &id);
+
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                  "sbx: connector \"%V\" request %V: %s hook: %s: %*s "
+                  "(instructions: %uL, memory peak: %uL bytes, time: %uD us)",
+                  &c->name, &id, hook, sbx_outcome_name(call->outcome),
+                  p - text, text, call->instructions, call->memory_peak,
+                  call->time_us);
+
+    return ngx_http_sbx_send_error(r, status, decision, 0);
 }
 
 
 static ngx_int_t
 ngx_http_sbx_content_outcome(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 {
-    u_char                    *p, text[SBX_MAX_ERROR_MSG * 4];
     sbx_rd_t                   rd;
-    ngx_str_t                  id;
-    ngx_uint_t                 status;
-    ngx_http_sbx_decision_e    decision;
     ngx_http_sbx_connector_t  *c = call->connector;
 
+    if (call->outcome != SBX_OUT_RESPONSE || call->result == NULL) {
+        return ngx_http_sbx_call_fail(r, call, "request");
+    }
+
     if (ngx_http_sbx_ipc_result(r, call, &rd) != NGX_OK) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "sbx: connector \"%V\": malformed RESULT from helper "
-                      "%i", &c->name, call->helper_pid);
-        return ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
-                                       NGX_HTTP_SBX_SANDBOX_FAILURE, 0);
+        call->outcome = 0;
+        return ngx_http_sbx_call_fail(r, call, "request");
     }
 
     switch (call->outcome) {
@@ -235,28 +237,9 @@ ngx_http_sbx_content_outcome(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
         return ngx_http_sbx_send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
                                        NGX_HTTP_SBX_TRANSFORM_ERROR, 0);
 
-    case SBX_OUT_TIMEOUT:
-        status = NGX_HTTP_GATEWAY_TIME_OUT;
-        decision = NGX_HTTP_SBX_TRANSFORM_TIMEOUT;
-        break;
-
     default:
-        status = NGX_HTTP_INTERNAL_SERVER_ERROR;
-        decision = NGX_HTTP_SBX_TRANSFORM_ERROR;
+        return ngx_http_sbx_call_fail(r, call, "request");
     }
-
-    p = ngx_http_sbx_ipc_escape(text, text + sizeof(text),
-                                call->message.data, call->message.len);
-
-    ngx_http_sbx_request_id(r, &id);
-
-    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "sbx: connector \"%V\" request %V: %s: %*s "
-                  "(instructions: %uL, memory peak: %uL bytes, time: %uD us)",
-                  &c->name, &id, sbx_outcome_name(call->outcome), p - text,
-                  text, call->instructions, call->memory_peak, call->time_us);
-
-    return ngx_http_sbx_send_error(r, status, decision, 0);
 }
 
 

@@ -243,6 +243,44 @@ ngx_http_sbx_ipc_write(ngx_http_request_t *r, sbx_wr_t *w,
 }
 
 
+ngx_http_sbx_call_t *
+ngx_http_sbx_call_create(ngx_http_request_t *r, ngx_http_sbx_connector_t *c,
+    ngx_uint_t hook, ngx_http_sbx_upstream_answer_t *res,
+    ngx_http_sbx_call_done_pt done)
+{
+    ngx_http_sbx_ctx_t   *ctx;
+    ngx_http_sbx_call_t  *call;
+
+    ctx = ngx_http_sbx_get_ctx(r);
+    if (ctx == NULL) {
+        return NULL;
+    }
+
+    /* req.client.country and .continent */
+    if (ngx_http_sbx_geo_lookup(r, ctx) != NGX_OK) {
+        return NULL;
+    }
+
+    call = ngx_pcalloc(r->pool, sizeof(ngx_http_sbx_call_t));
+    if (call == NULL) {
+        return NULL;
+    }
+
+    call->connector = c;
+    call->hook = hook;
+    call->done = done;
+
+    call->out = ngx_http_sbx_ipc_request(r, c, hook, ctx, res);
+    if (call->out == NULL) {
+        return NULL;
+    }
+
+    ctx->call = call;
+
+    return call;
+}
+
+
 /*
  * Returns a buffer holding the CALL frame: SBX_FRAME_HDR_SIZE bytes of room
  * for the header (the pool writes it) and the payload.  The frame lives in

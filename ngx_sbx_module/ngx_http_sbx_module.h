@@ -245,6 +245,14 @@ typedef struct {
     ngx_chain_t                  *body;           /* NULL: no body */
 } ngx_http_sbx_upstream_answer_t;
 
+/*
+ * A call of hook for the request (res: the upstream's answer, response
+ * hook only), its CALL frame built, recorded in the request's context;
+ * NULL on failure.
+ */
+ngx_http_sbx_call_t *ngx_http_sbx_call_create(ngx_http_request_t *r,
+    ngx_http_sbx_connector_t *c, ngx_uint_t hook,
+    ngx_http_sbx_upstream_answer_t *res, ngx_http_sbx_call_done_pt done);
 ngx_buf_t *ngx_http_sbx_ipc_request(ngx_http_request_t *r,
     ngx_http_sbx_connector_t *c, ngx_uint_t hook, ngx_http_sbx_ctx_t *ctx,
     ngx_http_sbx_upstream_answer_t *res);
@@ -296,6 +304,14 @@ ngx_int_t ngx_http_sbx_content_handler(ngx_http_request_t *r);
  */
 ngx_int_t ngx_http_sbx_content_send(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call, sbx_rd_t *rd);
+
+/*
+ * The answer of DESIGN.md section 6 for a call that produced no usable
+ * result (the pool's failures, a malformed RESULT, script errors and
+ * limits), with the reason in the error log; hook names it there.
+ */
+ngx_int_t ngx_http_sbx_call_fail(ngx_http_request_t *r,
+    ngx_http_sbx_call_t *call, const char *hook);
 
 
 #endif /* _NGX_HTTP_SBX_MODULE_H_INCLUDED_ */

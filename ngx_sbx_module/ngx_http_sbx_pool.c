@@ -1248,6 +1248,7 @@ ngx_http_sbx_dispatch(ngx_http_sbx_pool_t *pool)
 static void
 ngx_http_sbx_call_finish(ngx_http_sbx_call_t *call, ngx_uint_t outcome)
 {
+    ngx_http_sbx_ctx_t  *ctx;
     ngx_http_request_t  *r = call->request;
 
     call->outcome = outcome;
@@ -1262,6 +1263,18 @@ ngx_http_sbx_call_finish(ngx_http_sbx_call_t *call, ngx_uint_t outcome)
     }
 
     call->request = NULL;
+
+    /* the audit's "helper" and "helper_ms" */
+    ctx = ngx_http_get_module_ctx(r, ngx_http_sbx_module);
+
+    if (ctx) {
+        ctx->waiting = 0;
+        ctx->helper_pid = call->helper_pid;
+
+        if (call->start) {
+            ctx->helper_ms += ngx_current_msec - call->start;
+        }
+    }
 
     /* the request outlives the call from here on */
     call->done(r, call);
