@@ -39,6 +39,7 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 BUILD=${BUILD:-$ROOT/build}
 NGINX_BIN=${NGINX:-/usr/sbin/nginx}
 unset NGINX     # nginx reads $NGINX as a list of inherited sockets
@@ -100,11 +101,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    perl -MIO::Socket::INET -e \
-        'print IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 0,
-                                     Listen => 1, ReuseAddr => 1)->sockport'
-}
 PORT=$(free_port)
 RPORT=$(free_port)
 [ "$RPORT" != "$PORT" ] || RPORT=$(free_port)
@@ -293,19 +289,6 @@ nscripts=$($RCLI info memory | tr -d '\r' \
 
 HZ=$(getconf CLK_TCK)
 
-proc_ticks() {  # utime+stime of PID, or 0
-    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
-}
-cpu_busy() {    # all CPUs: busy ticks (not idle, not iowait)
-    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
-}
-child_ticks() { # CPU of this shell's reaped children (wrk), in ticks
-    times > "$P/times"      # a builtin: runs in this shell, not a subshell
-    awk -v hz="$HZ" 'NR == 2 {
-        t = 0
-        for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] }
-        printf "%d\n", t * hz + 0.5 }' "$P/times"
-}
 redis_calls() { # redis_calls: "evalsha all" calls so far (INFO excluded)
     $RCLI info commandstats | tr -d '\r' | awk -F'[:=,]' '
         /^cmdstat_/ {
@@ -391,14 +374,6 @@ while [ "$r" -le "$ROUNDS" ]; do
 done
 
 # ---------------------------------------------------------------- report
-
-median_col() {  # median_col FILE COLUMN
-    awk -v c="$2" '{ print $c }' "$1" | sort -g | awk '{ a[NR] = $1 }
-        END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-sum_col() {
-    awk -v c="$2" '{ s += $c } END { print s + 0 }' "$1"
-}
 
 echo
 echo "Medians over $ROUNDS rounds of ${DURATION}s (wrk, nginx and redis-server" \

@@ -38,6 +38,7 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 BUILD=${BUILD:-$ROOT/build}
 NGINX_BIN=${NGINX:-/usr/sbin/nginx}
 unset NGINX     # nginx reads $NGINX as a list of inherited sockets
@@ -176,13 +177,6 @@ nhelpers=$(pgrep -P "$WORKER" | wc -l)
 
 # ---------------------------------------------------------------- checks
 
-canon_eq() {    # canon_eq FILE1 FILE2: same JSON value
-    perl -MJSON::PP -e '
-        my $j = JSON::PP->new->canonical;
-        my @v = map { local $/; open my $f, "<", $_ or die; $j->encode($j->decode(<$f>)) } @ARGV;
-        exit($v[0] eq $v[1] ? 0 : 1)' "$1" "$2" 2>/dev/null
-}
-
 for t in $TARGETS; do
     got=$(curl -s -o "$P/check.$t" -w '%{http_code} %{content_type}' \
           -H 'Content-Type: application/json' \
@@ -204,30 +198,6 @@ done
 
 HZ=$(getconf CLK_TCK)
 
-proc_ticks() {  # utime+stime of PID, or 0
-    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
-}
-
-helper_ticks() {    # live helpers + helpers the worker has reaped
-    s=$(awk '{ print $16 + $17 }' "/proc/$WORKER/stat")
-    for h in $(pgrep -P "$WORKER"); do
-        s=$((s + $(proc_ticks "$h")))
-    done
-    echo "$s"
-}
-
-cpu_busy() {        # all CPUs: busy ticks (not idle, not iowait)
-    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
-}
-
-child_ticks() {     # CPU of this shell's reaped children (wrk), in ticks
-    times > "$P/times"      # a builtin: runs in this shell, not a subshell
-    awk -v hz="$HZ" 'NR == 2 {
-        t = 0
-        for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] }
-        printf "%d\n", t * hz + 0.5 }' "$P/times"
-}
-
 wrk_run() {     # wrk_run TARGET SECONDS OUTFILE
     BENCH_BODY="$P/body.json" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2s" \
         --latency -s "$P/post.lua" "$URL/$1" > "$3" 2>&1 \
@@ -239,9 +209,9 @@ wrk_run() {     # wrk_run TARGET SECONDS OUTFILE
 measure() {     # measure TARGET ROUND
     out=$P/wrk.$1.$2
     child_ticks > "$P/c0"
-    w0=$(proc_ticks "$WORKER"); h0=$(helper_ticks); b0=$(cpu_busy)
+    w0=$(proc_ticks "$WORKER"); h0=$(helper_ticks "$WORKER"); b0=$(cpu_busy)
     wrk_run "$1" "$DURATION" "$out"
-    w1=$(proc_ticks "$WORKER"); h1=$(helper_ticks); b1=$(cpu_busy)
+    w1=$(proc_ticks "$WORKER"); h1=$(helper_ticks "$WORKER"); b1=$(cpu_busy)
     child_ticks > "$P/c1"
     c0=$(cat "$P/c0"); c1=$(cat "$P/c1")
     awk -v hz="$HZ" -v secs="$DURATION" -v ncpu="$(nproc)" \
@@ -302,14 +272,6 @@ while [ "$r" -le "$ROUNDS" ]; do
 done
 
 # ---------------------------------------------------------------- report
-
-median_col() {  # median_col FILE COLUMN
-    awk -v c="$2" '{ print $c }' "$1" | sort -g | awk '{ a[NR] = $1 }
-        END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-sum_col() {
-    awk -v c="$2" '{ s += $c } END { print s + 0 }' "$1"
-}
 
 echo
 echo "Medians over $ROUNDS rounds of ${DURATION}s (wrk shares the $(nproc) CPUs with" \
