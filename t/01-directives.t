@@ -123,7 +123,8 @@ my @cases = (
             at   => [ qr/sbx_pool p1/ ],
         }
     } ('size=0', 'size=abc', 'size=-1', 'queue=5', 'size=2 queue=x',
-       'size=2 max_requests=many', 'size=2 memory=12q', 'size=2 bogus=1')),
+       'size=2 max_requests=many', 'size=2 memory=12q', 'size=2 bogus=1',
+       'size=2 pipeline=0', 'size=2 pipeline=17', 'size=2 pipeline=x')),
     (map {
         my $l = $_;
         +{
