@@ -1581,7 +1581,7 @@ sbx_read_result(lua_State *co, unsigned hook, sbx_wr_t *w, int write,
         || !present || !sbx_uri_valid(&uri, 1))
     {
         snprintf(err, errlen, "uri must be a string starting with \"/\" "
-                 "without control characters or spaces");
+                 "without control characters");
         return SBX_OUT_BAD_RETURN;
     }
 

@@ -14,7 +14,10 @@
  *                  script once it is complete and send what it returns.
  *
  * Hooks a script does not define cost nothing: no body is read early, no
- * helper is called, the answer streams through untouched.  The filters
+ * helper is called, the answer streams through untouched.  With a response
+ * hook the upstream is asked for an uncompressed answer (Accept-Encoding
+ * is left out of the request it gets): the script reads the body and the
+ * sandbox has no decompressor.  The filters
  * never send from inside the filter chain: a complete or failed answer is
  * finished from a posted event or from the helper's event.
  */
@@ -84,6 +87,7 @@ static ngx_int_t ngx_http_sbx_connector_apply(ngx_http_request_t *r,
     ngx_http_sbx_call_t *call, sbx_rd_t *rd);
 static ngx_int_t ngx_http_sbx_connector_set_headers(ngx_http_request_t *r,
     sbx_rd_t *rd, uint32_t n);
+static ngx_int_t ngx_http_sbx_connector_identity(ngx_http_request_t *r);
 static ngx_int_t ngx_http_sbx_connector_push_header(ngx_http_request_t *r,
     u_char *name, size_t name_len, u_char *value, size_t value_len);
 
@@ -280,6 +284,12 @@ ngx_http_sbx_connector_handler(ngx_http_request_t *r)
     }
 
     if (!(c->hooks & SBX_HAS_REQUEST)) {
+        if ((c->hooks & SBX_HAS_RESPONSE)
+            && ngx_http_sbx_connector_identity(r) != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         cctx->rq_state = NGX_HTTP_SBX_RQ_DONE;
         ngx_http_sbx_set_decision(r, NGX_HTTP_SBX_ALLOWED);
         return NGX_DECLINED;
@@ -427,6 +437,13 @@ ngx_http_sbx_connector_request_finish(ngx_http_request_t *r,
     default:
         ngx_http_finalize_request(r,
                                   ngx_http_sbx_call_fail(r, call, "request"));
+        return;
+    }
+
+    if ((call->connector->hooks & SBX_HAS_RESPONSE)
+        && ngx_http_sbx_connector_identity(r) != NGX_OK)
+    {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
         return;
     }
 
@@ -690,6 +707,75 @@ ngx_http_sbx_connector_set_headers(ngx_http_request_t *r, sbx_rd_t *rd,
             return NGX_ERROR;
         }
     }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Leaves Accept-Encoding out of the headers the upstream gets (a new list
+ * without it).  r->headers_in.accept_encoding stays as it was, so the gzip
+ * filter still compresses the script's answer for a client that accepts
+ * it; "proxy_set_header Accept-Encoding ...;" still sends what it says.
+ */
+
+static ngx_int_t
+ngx_http_sbx_connector_identity(ngx_http_request_t *r)
+{
+    ngx_uint_t        i, n, found;
+    ngx_list_t        list;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h, *nh;
+
+    n = 0;
+    found = 0;
+
+    for (part = &r->headers_in.headers.part; part; part = part->next) {
+        h = part->elts;
+
+        for (i = 0; i < part->nelts; i++) {
+            n++;
+
+            if (h[i].key.len == sizeof("accept-encoding") - 1
+                && ngx_strncasecmp(h[i].key.data,
+                                   (u_char *) "accept-encoding",
+                                   h[i].key.len) == 0)
+            {
+                found = 1;
+            }
+        }
+    }
+
+    if (!found) {
+        return NGX_OK;
+    }
+
+    if (ngx_list_init(&list, r->pool, n, sizeof(ngx_table_elt_t)) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    for (part = &r->headers_in.headers.part; part; part = part->next) {
+        h = part->elts;
+
+        for (i = 0; i < part->nelts; i++) {
+            if (h[i].key.len == sizeof("accept-encoding") - 1
+                && ngx_strncasecmp(h[i].key.data,
+                                   (u_char *) "accept-encoding",
+                                   h[i].key.len) == 0)
+            {
+                continue;
+            }
+
+            nh = ngx_list_push(&list);
+            if (nh == NULL) {
+                return NGX_ERROR;
+            }
+
+            *nh = h[i];
+        }
+    }
+
+    r->headers_in.headers = list;
 
     return NGX_OK;
 }

@@ -9,6 +9,7 @@ use strict;
 use warnings;
 
 use lib 't/lib';
+use IO::Uncompress::Gunzip ();
 use JSON::PP;
 use SbxTest;
 use Test::More;
@@ -148,6 +149,23 @@ return {
 }
 EOF
 
+$t->write_file('aeboth.lua', <<'EOF');
+return {
+  request = function(req)
+    req.headers["x-seen-ae"] = req.headers["accept-encoding"] or "none"
+    req.uri = "/echo/ae"
+    return req
+  end,
+  response = function(res, req)
+    return { status = 200,
+             headers = { ["content-type"] = "application/json",
+                         ["x-req-ae"] = req.headers["accept-encoding"]
+                                        or "none" },
+             body = res.body }
+  end,
+}
+EOF
+
 $t->write_file('count.lua', <<'EOF');
 return {
   response = function(res, req) return res end,
@@ -196,6 +214,9 @@ sbx_connector resperr {
     pool conn;
 }
 sbx_connector count { script %%PREFIX%%/count.lua; pool cnt; }
+sbx_connector aeboth {
+    script %%PREFIX%%/aeboth.lua; capabilities json; pool conn;
+}
 
 upstream backend {
     server 127.0.0.1:%%PORT2%%;
@@ -239,6 +260,14 @@ server {
         proxy_pass http://backend/;
     }
     location /both/    { sbx_connector both; proxy_pass http://backend; }
+    location /aeboth/  { sbx_connector aeboth; proxy_pass http://backend; }
+    location /respgz/  {
+        sbx_connector size;
+        gzip on;
+        gzip_types *;
+        gzip_min_length 0;
+        proxy_pass http://backend/;
+    }
     location /size/    {
         sbx_connector size;
         sbx_response_buffer 100k;
@@ -306,6 +335,9 @@ ok(!exists $e->{headers}{'content-length'}, 'rewrite GET: no Content-Length');
 $r = $t->get('/rw/a%20b');
 is($r->{status}, 200, 'rewrite: an encoded space in the path is fine');
 is(doc($r)->{uri}, '/echo/a b', 'and reaches the upstream escaped again');
+$r = $t->get('/rw/a%0Ab');
+$t->error_ok($r, 500, 'transform_error',
+             'rewrite: a path decoding to a control character is refused');
 
 $r = $t->post('/rw/e?body=empty', 'something');
 $e = doc($r);
@@ -377,12 +409,37 @@ $r = $t->get('/resp/files/big');
 is($r->{content}, 'wrapped:200000:' . $big,
    'response hook: answer larger than the proxy buffers');
 
-# a gzip'd upstream answer reaches the script as the compressed bytes it is
-# (with its content-encoding header); clear Accept-Encoding upstream to get
-# plain text
-$r = $t->get('/resp/gz/small', { headers => { 'Accept-Encoding' => 'gzip' } });
-like($r->{content}, qr/^wrapped:\d+:\x1f\x8b/,
-     'response hook: gzip answer handed over compressed');
+# with a response hook the upstream is asked for an uncompressed answer:
+# the client's Accept-Encoding stays out of the request it gets
+my %gz = (headers => { 'Accept-Encoding' => 'gzip' });
+$r = $t->get('/plain/gz/small', \%gz);
+is($r->{headers}{'content-encoding'}, 'gzip',
+   'without the module the upstream compresses for this client');
+$r = $t->get('/resp/gz/small', \%gz);
+is($r->{content}, 'wrapped:' . length($small) . ':' . $small,
+   'response hook: the upstream answers uncompressed, the script reads text');
+ok(!$r->{headers}{'content-encoding'}, 'and the answer is not marked gzip');
+
+$r = $t->get('/aeboth/x', \%gz);
+my $ae = doc($r);
+is($ae->{headers}{'x-seen-ae'}, 'gzip',
+   'both hooks: the request hook sees the client\'s Accept-Encoding');
+ok(!exists $ae->{headers}{'accept-encoding'},
+   'both hooks: the upstream gets no Accept-Encoding');
+is($r->{headers}{'x-req-ae'}, 'none',
+   'both hooks: req in the response hook is what the upstream got');
+
+# the client's Accept-Encoding still counts for the answer it gets
+$r = $t->get('/respgz/files/small', \%gz);
+is($r->{headers}{'content-encoding'}, 'gzip',
+   'gzip on: the script\'s answer is compressed for the client');
+{
+    my $plain;
+    IO::Uncompress::Gunzip::gunzip(\$r->{content}, \$plain);
+    is($plain // '', $small, 'gzip on: it decompresses to the script\'s answer');
+    is($r->{headers}{'x-size'}, length($small),
+       'gzip on: the script got the upstream body uncompressed');
+}
 
 $r = $t->get('/resp/files/binary');
 is($r->{content}, 'wrapped:4096:' . $binary, 'response hook: binary body');
