@@ -37,6 +37,7 @@ DEPS_STAMP := $(BUILD)/.deps-build
 
 .PHONY: all deps deps-test run test bench install clean helper module
 .PHONY: test-asan fuzz fuzz-build
+.DELETE_ON_ERROR:
 
 all: module helper
 
@@ -59,7 +60,7 @@ $(BUILD)/sbx-lua-helper: $(HELPER_SRCS) $(HELPER_HDRS) | $(DEPS_STAMP)
 	$(CC) $(HELPER_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ \
 	    $(HELPER_SRCS) $(HELPER_LDFLAGS) $(HELPER_LIBS)
 
-$(NGX_BUILD)/Makefile: config | $(DEPS_STAMP)
+$(NGX_BUILD)/objs/Makefile: config | $(DEPS_STAMP)
 	rm -rf $(NGX_BUILD)
 	mkdir -p $(BUILD)
 	cp -a $(NGX_SRC) $(NGX_BUILD)
@@ -70,7 +71,7 @@ $(NGX_BUILD)/Makefile: config | $(DEPS_STAMP)
 	        --add-dynamic-module=$(TOP) > $(BUILD)/configure.log 2>&1 \
 	    || { tail -5 $(BUILD)/configure.log; exit 1; }
 
-$(BUILD)/ngx_http_sbx_module.so: $(NGX_BUILD)/Makefile $(MODULE_SRCS) \
+$(BUILD)/ngx_http_sbx_module.so: $(NGX_BUILD)/objs/Makefile $(MODULE_SRCS) \
                                  lua-runtime/sbx_proto.c lua-runtime/sbx_proto.h
 	$(MAKE) -C $(NGX_BUILD) -f objs/Makefile modules
 	cp $(NGX_BUILD)/objs/ngx_http_sbx_module.so $@
