@@ -1052,7 +1052,7 @@ ngx_http_sbx_catalog_handler(ngx_http_request_t *r)
     u_char                             *p, date[sizeof("Mon, 28 Sep 1970 "
                                                        "06:00:00 GMT")];
     ngx_int_t                           rc;
-    ngx_str_t                           type, *s, sunset;
+    ngx_str_t                           type, *s, sunset, since;
     ngx_uint_t                          i, k, d, state;
     ngx_atomic_uint_t                   total;
     ngx_http_sbx_out_t                  o;
@@ -1102,6 +1102,16 @@ ngx_http_sbx_catalog_handler(ngx_http_request_t *r)
                                                        : NGX_HTTP_SBX_STATE_GA;
         ngx_http_sbx_out_printf(&o, ",\"state\":\"%V\"",
                                 &ngx_http_sbx_state_names[state]);
+
+        ngx_str_null(&since);
+
+        if (state == NGX_HTTP_SBX_STATE_DEPRECATED) {
+            p = ngx_http_time(date, c->deprecated);
+            since.data = date;
+            since.len = p - date;
+        }
+
+        ngx_http_sbx_out_opt("deprecation", &since);
 
         ngx_str_null(&sunset);
 

@@ -1130,18 +1130,14 @@ ngx_http_sbx_timegm(ngx_int_t y, ngx_int_t m, ngx_int_t d)
 }
 
 
-static char *
-ngx_http_sbx_set_sunset(ngx_conf_t *cf, ngx_http_sbx_connector_t *c,
-    ngx_str_t *v)
+/* an HTTP-date, or YYYY-MM-DD (midnight UTC); NGX_ERROR if neither */
+
+static time_t
+ngx_http_sbx_parse_date(ngx_str_t *v)
 {
     time_t     t;
     ngx_int_t  y, mo, d;
 
-    if (c->sunset != NGX_CONF_UNSET) {
-        return "is duplicate";
-    }
-
-    /* an HTTP-date, or YYYY-MM-DD */
     t = ngx_parse_http_time(v->data, v->len);
 
     if (t == NGX_ERROR && v->len == 10 && v->data[4] == '-'
@@ -1155,6 +1151,92 @@ ngx_http_sbx_set_sunset(ngx_conf_t *cf, ngx_http_sbx_connector_t *c,
             t = ngx_http_sbx_timegm(y, mo, d);
         }
     }
+
+    return t;
+}
+
+
+/*
+ * state beta|ga|deprecated|retired;  "state deprecated DATE;" also says
+ * since when (the Deprecation header); without a date it is the time
+ * nginx read the configuration.
+ */
+
+static char *
+ngx_http_sbx_set_state(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
+{
+    time_t       t;
+    ngx_str_t   *value;
+    ngx_uint_t   i;
+
+    value = cf->args->elts;
+
+    if (cf->args->nelts < 2 || cf->args->nelts > 3) {
+        goto invalid;
+    }
+
+    if (c->state != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    for (i = 0; ngx_http_sbx_state_names[i].len; i++) {
+        if (ngx_http_sbx_state_names[i].len == value[1].len
+            && ngx_strncmp(ngx_http_sbx_state_names[i].data,
+                           value[1].data, value[1].len) == 0)
+        {
+            break;
+        }
+    }
+
+    if (ngx_http_sbx_state_names[i].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid state \"%V\" (expected beta, ga, "
+                           "deprecated or retired)", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (cf->args->nelts == 3 && i == NGX_HTTP_SBX_STATE_DEPRECATED) {
+        t = ngx_http_sbx_parse_date(&value[2]);
+
+        if (t == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid date \"%V\" in \"state deprecated\" "
+                               "(expected an HTTP-date or YYYY-MM-DD)",
+                               &value[2]);
+            return NGX_CONF_ERROR;
+        }
+
+        c->deprecated = t;
+
+    } else if (cf->args->nelts != 2) {
+        goto invalid;
+    }
+
+    c->state = i;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid number of arguments in \"state\" directive "
+                       "(expected \"state beta|ga|retired;\" or "
+                       "\"state deprecated [DATE];\")");
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_sbx_set_sunset(ngx_conf_t *cf, ngx_http_sbx_connector_t *c,
+    ngx_str_t *v)
+{
+    time_t  t;
+
+    if (c->sunset != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    t = ngx_http_sbx_parse_date(v);
 
     if (t == NGX_ERROR) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -1191,6 +1273,11 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
 
     if (ngx_http_sbx_is("limits")) {
         rv = ngx_http_sbx_set_limits(cf, c);
+        goto done;
+    }
+
+    if (ngx_http_sbx_is("state")) {
+        rv = ngx_http_sbx_set_state(cf, c);
         goto done;
     }
 
@@ -1249,28 +1336,6 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
     if (ngx_http_sbx_is("pool")) {
         rv = ngx_http_sbx_set_text(cf, &c->pool_name, &value[1]);
         goto done;
-    }
-
-    if (ngx_http_sbx_is("state")) {
-        if (c->state != NGX_CONF_UNSET_UINT) {
-            rv = "is duplicate";
-            goto done;
-        }
-
-        for (i = 0; ngx_http_sbx_state_names[i].len; i++) {
-            if (ngx_http_sbx_state_names[i].len == value[1].len
-                && ngx_strncmp(ngx_http_sbx_state_names[i].data,
-                               value[1].data, value[1].len) == 0)
-            {
-                c->state = i;
-                return NGX_CONF_OK;
-            }
-        }
-
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid state \"%V\" (expected beta, ga, "
-                           "deprecated or retired)", &value[1]);
-        return NGX_CONF_ERROR;
     }
 
     if (ngx_http_sbx_is("sunset")) {

@@ -135,6 +135,16 @@ my @cases = (
         }
     } ('memory=lots', 'memory=0', 'timeout=forever', 'timeout=0',
        'instructions=abc', 'instructions=0', 'cpu=5')),
+    (map {
+        my $v = $_;
+        +{
+            name => "bad state '$v'",
+            conn => "state $v;",
+            like => [ qr/\bstate\b/ ],
+            at   => [ qr/state \Q$v\E;/ ],
+        }
+    } ('old', 'deprecated soon', 'deprecated 2026-13-01', 'ga 2026-01-01',
+       'deprecated 2026-01-01 x')),
     {
         name   => 'syntax error in script',
         script => $BAD_LUA_SYNTAX,

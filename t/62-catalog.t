@@ -41,7 +41,7 @@ sbx_connector b {
 }
 sbx_connector b2 {
     script %%PREFIX%%/e.lua;
-    state deprecated;
+    state deprecated 2026-11-01;
     sunset "Sun, 06 Nov 2033 08:49:37 GMT";
 }
 sbx_connector b3 { script %%PREFIX%%/b.lua; state deprecated; }
@@ -94,8 +94,9 @@ is($r->{headers}{sunset}, 'Sat, 01 Jun 2030 00:00:00 GMT',
 
 $r = $t->get('/b2');
 $t->error_ok($r, 500, 'transform_error', 'deprecated + script error: 500');
-like($r->{headers}{deprecation} // '', qr/^@\d+$/,
-     'deprecated: Deprecation on an error answer too');
+is($r->{headers}{deprecation}, '@1793491200',
+   'deprecated: Deprecation on an error answer too, '
+   . 'the date of "state deprecated 2026-11-01"');
 is($r->{headers}{sunset}, 'Sun, 06 Nov 2033 08:49:37 GMT',
    'Sunset from an HTTP-date');
 
@@ -120,7 +121,8 @@ is_deeply([ sort keys %$cat ], [ qw(a b b2 b3 c d) ],
 
 my $a = $cat->{a} // {};
 is_deeply([ sort keys %$a ],
-          [ sort qw(name version owner description state sunset capabilities
+          [ sort qw(name version owner description state deprecation
+                    sunset capabilities
                     limits pool sha256 pinned routes counters) ],
           'a connector has every field');
 is($a->{version}, '2.0.1', 'version');
@@ -129,6 +131,7 @@ is($a->{description}, 'Adds "quotes" and a \\ backslash',
    'description (escaped in JSON)');
 is($a->{state}, 'ga', 'state ga');
 is($a->{sunset}, undef, 'no sunset: null');
+is($a->{deprecation}, undef, 'not deprecated: deprecation null');
 is_deeply($a->{capabilities}, [ qw(json base64) ], 'capabilities');
 is_deeply($a->{limits}, { memory => 16 * 1024 * 1024, instructions => 500000,
                           timeout_ms => 300 }, 'limits');
@@ -141,6 +144,10 @@ is_deeply([ sort @{ $a->{routes} // [] } ], [ '/a', '= /a2' ],
 my $b = $cat->{b} // {};
 is($b->{state}, 'deprecated', 'b: deprecated');
 is($b->{sunset}, 'Sat, 01 Jun 2030 00:00:00 GMT', 'b: sunset');
+like($b->{deprecation} // '', qr/^\w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT$/,
+     'b: deprecation, an HTTP-date (configuration time)');
+is($cat->{b2}{deprecation}, 'Sun, 01 Nov 2026 00:00:00 GMT',
+   'b2: deprecation, the date given to state deprecated');
 is($b->{version}, undef, 'b: no version: null');
 is($b->{owner}, undef, 'b: no owner: null');
 is($b->{description}, undef, 'b: no description: null');
