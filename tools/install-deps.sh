@@ -10,7 +10,7 @@ set -eu
 build_pkgs="gcc make pkg-config nginx nginx-dev libpcre2-dev zlib1g-dev
 libssl-dev liblua5.4-dev lua-cjson lua-cjson-dev libseccomp-dev
 libhiredis-dev libmaxminddb-dev"
-test_pkgs="perl libmaxmind-db-writer-perl redis-server curl"
+test_pkgs="perl libmaxmind-db-writer-perl redis-server curl nghttp2-client"
 bench_pkgs="wrk libnginx-mod-http-lua lua-nginx-redis"
 asan_pkgs="clang libclang-rt-14-dev"
 
