@@ -1,6 +1,6 @@
-# bench/lib.sh: shell functions shared by bench/run.sh, bench/audit.sh and
-# bench/ratelimit.sh (sourced).  child_ticks needs $P (a scratch directory)
-# and $HZ (clock ticks per second).
+# bench/lib.sh: shell functions shared by the scripts of bench/ (sourced).
+# child_ticks and measure_worker need $P (a scratch directory) and $HZ
+# (clock ticks per second).
 
 free_port() {
     perl -MIO::Socket::INET -e \
@@ -46,4 +46,130 @@ median_col() {  # median_col FILE COLUMN
 
 sum_col() {     # sum_col FILE COLUMN
     awk -v c="$2" '{ s += $c } END { print s + 0 }' "$1"
+}
+
+wrk_stats() {   # wrk_stats WRK_OUTPUT: "rps p50_us p99_us non2xx sockerr requests"
+    awk '
+        function us(v) {
+            if (v ~ /us$/) return v + 0
+            if (v ~ /ms$/) return v * 1000
+            if (v ~ /s$/)  return v * 1000000
+            if (v ~ /m$/)  return v * 60000000
+            return v + 0
+        }
+        /^Requests\/sec/              { rps = $2 }
+        /^ +50% /                     { p50 = us($2) }
+        /^ +99% /                     { p99 = us($2) }
+        /Non-2xx or 3xx responses/    { non = $NF }
+        /Socket errors/ {
+            gsub(",", ""); err = $4 + $6 + $8 + $10
+        }
+        / requests in /               { reqs = $1 }
+        END {
+            if (reqs < 1) reqs = 1
+            printf "%s %d %d %d %d %d\n", rps, p50, p99, non + 0, err + 0, reqs
+        }' "$1"
+}
+
+stop_pid() {    # stop_pid PID [SIGNAL]: SIGNAL (QUIT), then KILL after 5 s
+    kill -"${2:-QUIT}" "$1" 2>/dev/null || return 0
+    i=0
+    while kill -0 "$1" 2>/dev/null && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+wait_http() {   # wait_http URL PID ERROR_LOG: until URL answers (5 s)
+    i=0
+    until curl -s -o /dev/null "$1"; do
+        i=$((i + 1))
+        if [ $i -gt 50 ] || ! kill -0 "$2" 2>/dev/null; then
+            tail -20 "$3" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+conf_main() {   # conf_main DIR: main context of a one-worker bench nginx
+    cat <<CONF
+daemon off;
+worker_processes 1;
+error_log $1/error.log warn;
+pid $1/nginx.pid;
+
+events { worker_connections 1024; }
+CONF
+}
+
+conf_http() {   # conf_http DIR: http-level lines every bench nginx shares
+    cat <<CONF
+    access_log off;
+    client_body_temp_path $1/client_body_temp;
+    proxy_temp_path $1/proxy_temp;
+    fastcgi_temp_path $1/fastcgi_temp;
+    uwsgi_temp_path $1/uwsgi_temp;
+    scgi_temp_path $1/scgi_temp;
+    keepalive_requests 1000000;
+CONF
+}
+
+# measure_worker TARGET ROUND: one wrk run (the caller's wrk_run) with the
+# CPU of $WORKER and its helpers; appends to $P/res.TARGET
+#   rps p50_us p99_us non2xx sockerr requests
+#   worker_us/req helpers_us/req wrk_us/req busy% other%
+measure_worker() {
+    out=$P/wrk.$1.$2
+    child_ticks > "$P/c0"
+    w0=$(proc_ticks "$WORKER"); h0=$(helper_ticks "$WORKER"); b0=$(cpu_busy)
+    wrk_run "$1" "$DURATION" "$out"
+    w1=$(proc_ticks "$WORKER"); h1=$(helper_ticks "$WORKER"); b1=$(cpu_busy)
+    child_ticks > "$P/c1"
+    c0=$(cat "$P/c0"); c1=$(cat "$P/c1")
+    wrk_stats "$out" > "$P/stats"
+    awk -v hz="$HZ" -v secs="$DURATION" -v ncpu="$(nproc)" \
+        -v dw=$((w1 - w0)) -v dh=$((h1 - h0)) -v dc=$((c1 - c0)) \
+        -v db=$((b1 - b0)) '{
+            tick = 1000000 / hz
+            printf "%s %d %d %d %d %d %.1f %.1f %.1f %.0f %.0f\n",
+                $1, $2, $3, $4, $5, $6,
+                dw * tick / $6, dh * tick / $6, dc * tick / $6,
+                db * 100 / (hz * secs * ncpu),
+                (db - dw - dh - dc) * 100 / (hz * secs * ncpu)
+        }' "$P/stats" >> "$P/res.$1"
+}
+
+report_worker() {   # report_worker TARGETS...: medians and rounds table
+    echo "Medians over $ROUNDS rounds of ${DURATION}s (wrk shares the" \
+         "$(nproc) CPUs with nginx and the helpers; CPU us/request from /proc)"
+    printf '%-10s %10s %9s %9s %9s %7s %9s %9s %9s %6s %6s\n' target req/s \
+        p50_us p99_us non-2xx sockerr worker_us helper_us wrk_us busy% other%
+    for t in "$@"; do
+        f=$P/res.$t
+        printf '%-10s %10.0f %9.0f %9.0f %9d %7d %9.1f %9.1f %9.1f %6.0f %6.0f\n' \
+            "$t" "$(median_col "$f" 1)" "$(median_col "$f" 2)" \
+            "$(median_col "$f" 3)" "$(sum_col "$f" 4)" "$(sum_col "$f" 5)" \
+            "$(median_col "$f" 7)" "$(median_col "$f" 8)" \
+            "$(median_col "$f" 9)" "$(median_col "$f" 10)" \
+            "$(median_col "$f" 11)"
+    done
+    echo "(non-2xx and sockerr: totals over all rounds; busy%: both CPUs;" \
+         "other%: CPU of processes outside this benchmark)"
+    echo
+    echo "per round (req/s p50_us p99_us):"
+    for t in "$@"; do
+        printf '  %-10s' "$t"
+        awk '{ printf "  [%.0f %d %d]", $1, $2, $3 }' "$P/res.$t"
+        echo
+    done
+}
+
+rotate() {      # rotate ROUND ITEMS...: the items, starting at ROUND's turn
+    k=$1; shift
+    n=$#
+    echo "$@ $*" | awk -v k="$k" -v n="$n" '{
+        s = ""; for (i = 0; i < n; i++) s = s " " $(((k - 1) % n) + 1 + i)
+        print s }'
 }

@@ -77,16 +77,6 @@ chmod 755 "$P"      # workers run as an unprivileged user when started as root
 NGX_PID=""
 REDIS_PID=""
 
-stop_pid() {    # stop_pid PID SIGNAL
-    kill -"$2" "$1" 2>/dev/null || return 0
-    i=0
-    while kill -0 "$1" 2>/dev/null && [ $i -lt 50 ]; do
-        sleep 0.1; i=$((i + 1))
-    done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-
 cleanup() {
     [ -n "$NGX_PID" ] && stop_pid "$NGX_PID" QUIT
     NGX_PID=""
@@ -143,21 +133,10 @@ load_module $NGX_MODULES/ndk_http_module.so;
 load_module $NGX_MODULES/ngx_http_lua_module.so;
 load_module $BUILD/ngx_http_sbx_module.so;
 
-daemon off;
-worker_processes 1;
-error_log $P/error.log warn;
-pid $P/nginx.pid;
-
-events { worker_connections 1024; }
+$(conf_main "$P")
 
 http {
-    access_log off;
-    client_body_temp_path $P/client_body_temp;
-    proxy_temp_path $P/proxy_temp;
-    fastcgi_temp_path $P/fastcgi_temp;
-    uwsgi_temp_path $P/uwsgi_temp;
-    scgi_temp_path $P/scgi_temp;
-    keepalive_requests 1000000;
+$(conf_http "$P")
     default_type text/plain;
 
     sbx_redis 127.0.0.1:$RPORT;
@@ -244,15 +223,7 @@ EOF
 "$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
 NGX_PID=$!
 
-i=0
-until curl -s -o /dev/null "$URL/base"; do
-    i=$((i + 1))
-    if [ $i -gt 50 ] || ! kill -0 "$NGX_PID" 2>/dev/null; then
-        tail -20 "$P/error.log" >&2
-        die "nginx did not start"
-    fi
-    sleep 0.1
-done
+wait_http "$URL/base" "$NGX_PID" "$P/error.log" || die "nginx did not start"
 
 WORKER=$(pgrep -P "$NGX_PID" | head -1)
 [ -n "$WORKER" ] || die "no nginx worker"
@@ -314,27 +285,12 @@ measure() {     # measure TARGET ROUND
     w1=$(proc_ticks "$WORKER"); r1=$(proc_ticks "$REDIS_PID"); b1=$(cpu_busy)
     child_ticks > "$P/c1"
     set -- "$1" "$2" "$3" "$4" $(redis_calls)
+    wrk_stats "$out" > "$P/stats"
     awk -v hz="$HZ" -v secs="$DURATION" -v ncpu="$(nproc)" \
         -v dw=$((w1 - w0)) -v dr=$((r1 - r0)) \
         -v dc=$(($(cat "$P/c1") - $(cat "$P/c0"))) -v db=$((b1 - b0)) \
-        -v dev=$(($5 - $3)) -v dall=$(($6 - $4)) '
-        function us(v) {
-            if (v ~ /us$/) return v + 0
-            if (v ~ /ms$/) return v * 1000
-            if (v ~ /s$/)  return v * 1000000
-            if (v ~ /m$/)  return v * 60000000
-            return v + 0
-        }
-        /^Requests\/sec/              { rps = $2 }
-        /^ +50% /                     { p50 = us($2) }
-        /^ +99% /                     { p99 = us($2) }
-        /Non-2xx or 3xx responses/    { non = $NF }
-        /Socket errors/ {
-            gsub(",", ""); err = $4 + $6 + $8 + $10
-        }
-        / requests in /               { reqs = $1 }
-        END {
-            if (reqs < 1) reqs = 1
+        -v dev=$(($5 - $3)) -v dall=$(($6 - $4)) '{
+            rps = $1; p50 = $2; p99 = $3; non = $4; err = $5; reqs = $6
             tick = 1000000 / hz
             printf "%s %d %d %d %d %d %.1f %.1f %.1f %.0f %.0f %.4f %.4f\n",
                 rps, p50, p99, non + 0, err + 0, reqs,
@@ -342,7 +298,7 @@ measure() {     # measure TARGET ROUND
                 db * 100 / (hz * secs * ncpu),
                 (db - dw - dr - dc) * 100 / (hz * secs * ncpu),
                 dev / reqs, dall / reqs
-        }' "$out" >> "$P/res.$1"
+        }' "$P/stats" >> "$P/res.$1"
 }
 
 echo "ratelimit: nginx $("$NGINX_BIN" -v 2>&1 | sed 's,.*/,,'), 1 worker" \

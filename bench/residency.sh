@@ -12,6 +12,7 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 BUILD=${BUILD:-$ROOT/build}
 NGINX=${NGINX:-/usr/sbin/nginx}
 SECS=${1:-5}
@@ -29,9 +30,7 @@ chmod 755 "$P"    # workers run as an unprivileged user
 trap '[ -f "$P/nginx.pid" ] && kill -QUIT "$(cat "$P/nginx.pid")" 2>/dev/null;
       sleep 0.5; rm -rf "$P"' EXIT
 
-PORT=$(perl -MIO::Socket::INET -e \
-    'print IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 0,
-                                 Listen => 1)->sockport')
+PORT=$(free_port)
 
 perl -I"$ROOT/t/lib" -MSbxMMDB -e 'SbxMMDB::write_city($ARGV[0])' \
     "$P/city.mmdb"

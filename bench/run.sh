@@ -29,6 +29,8 @@
 #       WARMUP       seconds of warm-up per target (default 2)
 #       POOL_SIZE    sbx_pool default size= (default 2)
 #       PIPELINE     sbx_pool default pipeline= (default 4)
+#       CONNECTOR    1: run bench/connector.sh after the core case (~55 s);
+#                    0: skip it (default 1)
 #       RESIDENCY    1: run bench/residency.sh 3 3 at the end (~20 s);
 #                    0: skip it (default 1)
 #       KEEP         1: keep the prefix directory (configuration, logs)
@@ -74,15 +76,7 @@ chmod 755 "$P"      # workers run as an unprivileged user when started as root
 NGX_PID=""
 
 cleanup() {
-    if [ -n "$NGX_PID" ] && kill -0 "$NGX_PID" 2>/dev/null; then
-        kill -QUIT "$NGX_PID" 2>/dev/null || true
-        i=0
-        while kill -0 "$NGX_PID" 2>/dev/null && [ $i -lt 50 ]; do
-            sleep 0.1; i=$((i + 1))
-        done
-        kill -KILL "$NGX_PID" 2>/dev/null || true
-        wait "$NGX_PID" 2>/dev/null || true
-    fi
+    [ -z "$NGX_PID" ] || stop_pid "$NGX_PID"
     NGX_PID=""
     if [ "$KEEP" = 1 ]; then
         echo "bench: prefix kept in $P"
@@ -93,9 +87,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-PORT=$(perl -MIO::Socket::INET -e \
-    'print IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 0,
-                                 Listen => 1, ReuseAddr => 1)->sockport')
+PORT=$(free_port)
 URL=http://127.0.0.1:$PORT
 
 cp "$ROOT/bench/transform.lua" "$ROOT/bench/body.json" \
@@ -111,23 +103,12 @@ load_module $NGX_MODULES/ndk_http_module.so;
 load_module $NGX_MODULES/ngx_http_lua_module.so;
 load_module $BUILD/ngx_http_sbx_module.so;
 
-daemon off;
-worker_processes 1;
-error_log $P/error.log warn;
-pid $P/nginx.pid;
-
-events { worker_connections 1024; }
+$(conf_main "$P")
 
 http {
-    access_log off;
-    client_body_temp_path $P/client_body_temp;
-    proxy_temp_path $P/proxy_temp;
-    fastcgi_temp_path $P/fastcgi_temp;
-    uwsgi_temp_path $P/uwsgi_temp;
-    scgi_temp_path $P/scgi_temp;
+$(conf_http "$P")
     client_max_body_size 64k;
     client_body_buffer_size 16k;
-    keepalive_requests 1000000;
 
     sbx_helper_path $BUILD/sbx-lua-helper;
     sbx_pool default size=$POOL_SIZE pipeline=$PIPELINE queue=1024;
@@ -160,15 +141,8 @@ EOF
 "$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
 NGX_PID=$!
 
-i=0
-until curl -s -o /dev/null "$URL/return200"; do
-    i=$((i + 1))
-    if [ $i -gt 50 ] || ! kill -0 "$NGX_PID" 2>/dev/null; then
-        tail -20 "$P/error.log" >&2
-        die "nginx did not start"
-    fi
-    sleep 0.1
-done
+wait_http "$URL/return200" "$NGX_PID" "$P/error.log" \
+    || die "nginx did not start"
 
 WORKER=$(pgrep -P "$NGX_PID" | head -1)
 [ -n "$WORKER" ] || die "no nginx worker"
@@ -204,45 +178,6 @@ wrk_run() {     # wrk_run TARGET SECONDS OUTFILE
         || { cat "$3" >&2; die "wrk failed on /$1"; }
 }
 
-# one result line: rps p50_us p99_us non2xx sockerr requests
-#                  worker_us/req helpers_us/req wrk_us/req busy% other%
-measure() {     # measure TARGET ROUND
-    out=$P/wrk.$1.$2
-    child_ticks > "$P/c0"
-    w0=$(proc_ticks "$WORKER"); h0=$(helper_ticks "$WORKER"); b0=$(cpu_busy)
-    wrk_run "$1" "$DURATION" "$out"
-    w1=$(proc_ticks "$WORKER"); h1=$(helper_ticks "$WORKER"); b1=$(cpu_busy)
-    child_ticks > "$P/c1"
-    c0=$(cat "$P/c0"); c1=$(cat "$P/c1")
-    awk -v hz="$HZ" -v secs="$DURATION" -v ncpu="$(nproc)" \
-        -v dw=$((w1 - w0)) -v dh=$((h1 - h0)) -v dc=$((c1 - c0)) \
-        -v db=$((b1 - b0)) '
-        function us(v) {
-            if (v ~ /us$/) return v + 0
-            if (v ~ /ms$/) return v * 1000
-            if (v ~ /s$/)  return v * 1000000
-            if (v ~ /m$/)  return v * 60000000
-            return v + 0
-        }
-        /^Requests\/sec/              { rps = $2 }
-        /^ +50% /                     { p50 = us($2) }
-        /^ +99% /                     { p99 = us($2) }
-        /Non-2xx or 3xx responses/    { non = $NF }
-        /Socket errors/ {
-            gsub(",", ""); err = $4 + $6 + $8 + $10
-        }
-        / requests in /               { reqs = $1 }
-        END {
-            if (reqs < 1) reqs = 1
-            tick = 1000000 / hz
-            printf "%s %d %d %d %d %d %.1f %.1f %.1f %.0f %.0f\n",
-                rps, p50, p99, non + 0, err + 0, reqs,
-                dw * tick / reqs, dh * tick / reqs, dc * tick / reqs,
-                db * 100 / (hz * secs * ncpu),
-                (db - dw - dh - dc) * 100 / (hz * secs * ncpu)
-        }' "$out" >> "$P/res.$1"
-}
-
 echo "bench: nginx $("$NGINX_BIN" -v 2>&1 | sed 's,.*/,,'), 1 worker (pid $WORKER)," \
      "sbx_pool default size=$POOL_SIZE pipeline=$PIPELINE ($nhelpers helpers running)," \
      "lua-nginx-module in the same nginx"
@@ -262,10 +197,8 @@ fi
 r=1
 while [ "$r" -le "$ROUNDS" ]; do
     # rotate the order each round so no target always runs first
-    order=$(echo $TARGETS $TARGETS | awk -v k="$r" -v n=3 '{
-        s = ""; for (i = 0; i < n; i++) s = s " " $(((k - 1) % n) + 1 + i); print s }')
-    for t in $order; do
-        measure "$t" "$r"
+    for t in $(rotate "$r" $TARGETS); do
+        measure_worker "$t" "$r"
     done
     printf 'bench: round %d/%d done\n' "$r" "$ROUNDS"
     r=$((r + 1))
@@ -274,29 +207,7 @@ done
 # ---------------------------------------------------------------- report
 
 echo
-echo "Medians over $ROUNDS rounds of ${DURATION}s (wrk shares the $(nproc) CPUs with" \
-     "nginx and the helpers; CPU us/request from /proc)"
-printf '%-10s %10s %9s %9s %9s %7s %9s %9s %9s %6s %6s\n' target req/s \
-    p50_us p99_us non-2xx sockerr worker_us helper_us wrk_us busy% other%
-for t in $TARGETS; do
-    f=$P/res.$t
-    printf '%-10s %10.0f %9d %9d %9d %7d %9.1f %9.1f %9.1f %6d %6d\n' "$t" \
-        "$(median_col "$f" 1)" "$(median_col "$f" 2)" "$(median_col "$f" 3)" \
-        "$(sum_col "$f" 4)" "$(sum_col "$f" 5)" "$(median_col "$f" 7)" \
-        "$(median_col "$f" 8)" "$(median_col "$f" 9)" "$(median_col "$f" 10)" \
-        "$(median_col "$f" 11)"
-done
-echo "(non-2xx and sockerr: totals over all rounds; busy%: both CPUs;" \
-     "other%: CPU of processes outside this benchmark)"
-
-echo
-echo "per round (req/s p50_us p99_us):"
-for t in $TARGETS; do
-    printf '  %-10s' "$t"
-    awk '{ printf "  [%.0f %d %d]", $1, $2, $3 }' "$P/res.$t"
-    echo
-done
-
+report_worker $TARGETS
 echo
 sr=$(median_col "$P/res.sbx" 1); so=$(median_col "$P/res.openresty" 1)
 s0=$(median_col "$P/res.return200" 1)
@@ -331,6 +242,18 @@ bad=$(grep -cE '\[(alert|emerg|crit)\]' "$P/error.log" || true)
 
 cleanup
 trap - EXIT
+
+# ---------------------------------------------------------------- connector mode
+
+if [ "${CONNECTOR:-1}" = 1 ] && [ -f "$ROOT/bench/connector.sh" ]; then
+    echo
+    echo "bench: bench/connector.sh (request + response rewrite around a local" \
+         "upstream: proxy_pass, sbx connector mode, OpenResty access_by_lua +" \
+         "body_filter_by_lua; ~55 s, CONNECTOR=0 skips it)"
+    BUILD=$BUILD NGINX=$NGINX_BIN POOL_SIZE=$POOL_SIZE PIPELINE=$PIPELINE \
+        sh "$ROOT/bench/connector.sh" \
+        || echo "bench: connector.sh failed (not counted)"
+fi
 
 # ---------------------------------------------------------------- residency
 
