@@ -35,7 +35,8 @@
 #                    0: skip it (default 1)
 #       KEEP         1: keep the prefix directory (configuration, logs)
 #
-# Default run time: about 80 s (45 s timed, 6 s warm-up, ~20 s residency).
+# Default run time: about 5 min (the core case ~60 s, then connector.sh,
+# residency.sh, ratelimit.sh and audit.sh twice).
 
 set -eu
 

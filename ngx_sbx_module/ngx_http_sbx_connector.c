@@ -17,9 +17,9 @@
  * helper is called, the answer streams through untouched.  With a response
  * hook the upstream is asked for an uncompressed answer (Accept-Encoding
  * is left out of the request it gets): the script reads the body and the
- * sandbox has no decompressor.  The filters
- * never send from inside the filter chain: a complete or failed answer is
- * finished from a posted event or from the helper's event.
+ * sandbox has no decompressor.  The filters never send from inside the
+ * filter chain: a complete or failed answer is finished from a posted
+ * event or from the helper's event.
  */
 
 #include <ngx_config.h>
@@ -719,6 +719,11 @@ ngx_http_sbx_connector_set_headers(ngx_http_request_t *r, sbx_rd_t *rd,
  * it; "proxy_set_header Accept-Encoding ...;" still sends what it says.
  */
 
+#define ngx_http_sbx_accept_encoding(h)                                       \
+    ((h)->key.len == sizeof("accept-encoding") - 1                            \
+     && ngx_strncasecmp((h)->key.data, (u_char *) "accept-encoding",          \
+                        (h)->key.len) == 0)
+
 static ngx_int_t
 ngx_http_sbx_connector_identity(ngx_http_request_t *r)
 {
@@ -736,11 +741,7 @@ ngx_http_sbx_connector_identity(ngx_http_request_t *r)
         for (i = 0; i < part->nelts; i++) {
             n++;
 
-            if (h[i].key.len == sizeof("accept-encoding") - 1
-                && ngx_strncasecmp(h[i].key.data,
-                                   (u_char *) "accept-encoding",
-                                   h[i].key.len) == 0)
-            {
+            if (ngx_http_sbx_accept_encoding(&h[i])) {
                 found = 1;
             }
         }
@@ -758,11 +759,7 @@ ngx_http_sbx_connector_identity(ngx_http_request_t *r)
         h = part->elts;
 
         for (i = 0; i < part->nelts; i++) {
-            if (h[i].key.len == sizeof("accept-encoding") - 1
-                && ngx_strncasecmp(h[i].key.data,
-                                   (u_char *) "accept-encoding",
-                                   h[i].key.len) == 0)
-            {
+            if (ngx_http_sbx_accept_encoding(&h[i])) {
                 continue;
             }
 
