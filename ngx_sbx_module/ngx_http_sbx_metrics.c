@@ -65,6 +65,7 @@ typedef struct {
     ngx_http_sbx_metrics_pool_t  *pools;
     ngx_atomic_t                  redis_errors;
     ngx_atomic_t                  fallbacks;
+    ngx_atomic_t                  dry_runs[NGX_HTTP_SBX_NDRY_RUN_CHECKS];
 } ngx_http_sbx_metrics_shctx_t;
 
 
@@ -131,6 +132,8 @@ static void ngx_http_sbx_render_restarts(ngx_http_sbx_out_t *o,
 static void ngx_http_sbx_render_queue(ngx_http_sbx_out_t *o,
     ngx_http_sbx_metrics_main_conf_t *mmcf, ngx_str_t *name);
 static void ngx_http_sbx_render_redis_errors(ngx_http_sbx_out_t *o,
+    ngx_http_sbx_metrics_main_conf_t *mmcf, ngx_str_t *name);
+static void ngx_http_sbx_render_dry_runs(ngx_http_sbx_out_t *o,
     ngx_http_sbx_metrics_main_conf_t *mmcf, ngx_str_t *name);
 static void ngx_http_sbx_render_fallbacks(ngx_http_sbx_out_t *o,
     ngx_http_sbx_metrics_main_conf_t *mmcf, ngx_str_t *name);
@@ -208,6 +211,11 @@ static ngx_http_sbx_metric_t  ngx_http_sbx_metrics[] = {
                  "was unreachable."),
       ngx_http_sbx_render_fallbacks },
 
+    { ngx_string("sbx_dry_run_denials_total"),
+      ngx_string("counter"),
+      ngx_string("Requests a dry-run rule would have denied, by check."),
+      ngx_http_sbx_render_dry_runs },
+
     { ngx_null_string, ngx_null_string, ngx_null_string, NULL }
 };
 
@@ -234,6 +242,13 @@ static ngx_str_t  ngx_http_sbx_restart_reasons[NGX_HTTP_SBX_NRESTART_REASONS] =
     ngx_string("timeout"),
     ngx_string("recycle"),
     ngx_string("startup")
+};
+
+
+/* label values of sbx_dry_run_denials_total{check}: NGX_HTTP_SBX_DRY_RUN_* */
+static ngx_str_t  ngx_http_sbx_dry_run_checks[NGX_HTTP_SBX_NDRY_RUN_CHECKS] = {
+    ngx_string("residency"),
+    ngx_string("ratelimit")
 };
 
 
@@ -433,6 +448,20 @@ ngx_http_sbx_metrics_fallback(void)
     }
 
     (void) ngx_atomic_fetch_add(&mmcf->sh->fallbacks, 1);
+}
+
+
+void
+ngx_http_sbx_metrics_dry_run(ngx_uint_t check)
+{
+    ngx_http_sbx_metrics_main_conf_t  *mmcf;
+
+    mmcf = ngx_http_sbx_metrics_get();
+    if (mmcf == NULL || check >= NGX_HTTP_SBX_NDRY_RUN_CHECKS) {
+        return;
+    }
+
+    (void) ngx_atomic_fetch_add(&mmcf->sh->dry_runs[check], 1);
 }
 
 
@@ -969,6 +998,22 @@ ngx_http_sbx_render_fallbacks(ngx_http_sbx_out_t *o,
     ngx_http_sbx_metrics_main_conf_t *mmcf, ngx_str_t *name)
 {
     ngx_http_sbx_sample_n(o, name, "", NULL, 0, mmcf->sh->fallbacks);
+}
+
+
+static void
+ngx_http_sbx_render_dry_runs(ngx_http_sbx_out_t *o,
+    ngx_http_sbx_metrics_main_conf_t *mmcf, ngx_str_t *name)
+{
+    ngx_str_t   labels[2];
+    ngx_uint_t  k;
+
+    ngx_str_set(&labels[0], "check");
+
+    for (k = 0; k < NGX_HTTP_SBX_NDRY_RUN_CHECKS; k++) {
+        labels[1] = ngx_http_sbx_dry_run_checks[k];
+        ngx_http_sbx_sample_n(o, name, "", labels, 1, mmcf->sh->dry_runs[k]);
+    }
 }
 
 

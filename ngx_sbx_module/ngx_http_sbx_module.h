@@ -294,6 +294,13 @@ void ngx_http_sbx_metrics_restart(ngx_http_sbx_pool_t *pool,
 void ngx_http_sbx_metrics_redis_error(void);
 void ngx_http_sbx_metrics_fallback(void);
 
+/* sbx_dry_run_denials_total{check}: a dry-run rule would have denied */
+#define NGX_HTTP_SBX_DRY_RUN_RESIDENCY  0
+#define NGX_HTTP_SBX_DRY_RUN_RATELIMIT  1
+#define NGX_HTTP_SBX_NDRY_RUN_CHECKS    2
+
+void ngx_http_sbx_metrics_dry_run(ngx_uint_t check);
+
 /* ngx_http_sbx_content.c */
 ngx_int_t ngx_http_sbx_content_handler(ngx_http_request_t *r);
 

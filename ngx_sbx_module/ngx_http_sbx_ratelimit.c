@@ -526,7 +526,7 @@ ngx_http_sbx_rl_finish(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
     ngx_http_sbx_rl_loc_conf_t *rlcf)
 {
     int64_t                    retry, remaining;
-    ngx_uint_t                 i, deny;
+    ngx_uint_t                 i, deny, dry;
     ngx_http_sbx_ctx_t        *sctx;
     ngx_http_sbx_rl_limit_t   *limit;
     ngx_http_sbx_rl_result_t  *res;
@@ -563,6 +563,7 @@ ngx_http_sbx_rl_finish(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
     limit = rlcf->limits->elts;
     remaining = -1;
     retry = 0;
+    dry = 0;
     deny = (ngx_uint_t) -1;
 
     for (i = 0; i < ctx->nlimits; i++) {
@@ -584,6 +585,7 @@ ngx_http_sbx_rl_finish(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
             ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                           "sbx_rate_limit: dry run, would deny by limit "
                           "\"%V\"", &limit[i].name);
+            dry = 1;
             continue;
         }
 
@@ -591,6 +593,10 @@ ngx_http_sbx_rl_finish(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
             deny = i;
             retry = res->retry_after;
         }
+    }
+
+    if (dry) {
+        ngx_http_sbx_metrics_dry_run(NGX_HTTP_SBX_DRY_RUN_RATELIMIT);
     }
 
     sctx->ratelimit_remaining = remaining;

@@ -434,6 +434,7 @@ ngx_http_sbx_residency_handler(ngx_http_request_t *r)
 
     if (rlcf->dry_run) {
         rctx->result = NGX_HTTP_SBX_RESULT_DRY_RUN;
+        ngx_http_sbx_metrics_dry_run(NGX_HTTP_SBX_DRY_RUN_RESIDENCY);
         return NGX_DECLINED;
     }
 

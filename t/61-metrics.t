@@ -9,13 +9,15 @@ use warnings;
 use lib 't/lib';
 use JSON::PP;
 use POSIX ();
+use SbxMMDB;
 use SbxTest;
 use Test::More;
 use Time::HiRes qw(sleep);
 
 my @FAMILIES = qw(sbx_requests_total sbx_request_duration_seconds sbx_helpers
                   sbx_helper_restarts_total sbx_queue_depth
-                  sbx_redis_errors_total sbx_ratelimit_fallback_total);
+                  sbx_redis_errors_total sbx_ratelimit_fallback_total
+                  sbx_dry_run_denials_total);
 
 my %TYPE = (
     sbx_requests_total           => 'counter',
@@ -25,6 +27,7 @@ my %TYPE = (
     sbx_queue_depth              => 'gauge',
     sbx_redis_errors_total       => 'counter',
     sbx_ratelimit_fallback_total => 'counter',
+    sbx_dry_run_denials_total    => 'counter',
 );
 
 my @DECISIONS = qw(allowed residency_denied rate_limited retired
@@ -210,6 +213,7 @@ EOF
 # --- traffic, two workers ------------------------------------------------------
 
 my $t = SbxTest->new;
+SbxMMDB::write_city($t->prefix . "/city.mmdb");
 my $p = $t->prefix;
 
 $t->write_file('ok.lua', "return function(req) return {status=200, body='ok'} end\n");
@@ -250,6 +254,8 @@ sbx_connector backtrack {
     limits timeout=200ms;
 }
 sbx_connector gone { script %%PREFIX%%/ok.lua; state retired; }
+sbx_connector dry { script %%PREFIX%%/ok.lua; }
+sbx_geoip_db %%PREFIX%%/city.mmdb;
 server {
     listen 127.0.0.1:%%PORT%%;
     add_header X-Worker \$pid always;
@@ -260,6 +266,15 @@ server {
     location /backtrack { sbx_connector backtrack; }
     location /gone      { sbx_connector gone; }
     location = /status  { sbx_status; }
+    location /dryres {
+        sbx_residency allow DE;
+        sbx_residency_dry_run on;
+        sbx_connector dry;
+    }
+    location /dryrl {
+        sbx_rate_limit key=\$remote_addr rate=1r/m burst=1 name=dry dry_run;
+        sbx_connector dry;
+    }
 }
 EOF
 }
@@ -384,6 +399,29 @@ is(value($fam, 'sbx_queue_depth'), 0, 'sbx_queue_depth: nothing queued');
 is(value($fam, 'sbx_redis_errors_total'), 0, 'sbx_redis_errors_total = 0');
 is(value($fam, 'sbx_ratelimit_fallback_total'), 0,
    'sbx_ratelimit_fallback_total = 0');
+
+# dry runs: decided, logged and counted, never denied
+is_deeply([ sort map { $_->[1]{check} }
+            @{ $fam->{sbx_dry_run_denials_total}{samples} } ],
+          [ qw(ratelimit residency) ], 'dry run denials: both checks listed');
+{
+    my $res0 = value($fam, 'sbx_dry_run_denials_total', check => 'residency');
+    my $rl0 = value($fam, 'sbx_dry_run_denials_total', check => 'ratelimit');
+    # 127.0.0.1 has no country: "sbx_residency_unknown deny" would deny it
+    is($t->get('/dryres')->{status}, 200, 'residency dry run: answered');
+    my @st = map { $t->get('/dryrl')->{status} } 1 .. 3;
+    is("@st", '200 200 200', 'rate limit dry run: never denies');
+    my $f;
+    ok($t->wait_for(sub {
+        ($f) = parse_prom($t->get('/status')->{content} // '');
+        (value($f, 'sbx_dry_run_denials_total', check => 'ratelimit') // 0)
+            - ($rl0 // 0) == 2;
+    }, 5), 'sbx_dry_run_denials_total{check="ratelimit"}: the 2 requests '
+           . 'over the limit');
+    is((value($f, 'sbx_dry_run_denials_total', check => 'residency') // 0)
+       - ($res0 // 0), 1,
+       'sbx_dry_run_denials_total{check="residency"}: the one request');
+}
 
 SKIP: {
     skip 'nginx refuses a pool name with quotes', 2 unless $have_odd;
