@@ -121,7 +121,7 @@ fuzz_read_result(const uint8_t *p, size_t len, fuzz_result_t *res)
 
     case SBX_OUT_RESPONSE:
         if (sbx_get_u32(&rd, &res->status) != 0
-            || res->status < 100 || res->status > 599
+            || res->status < 200 || res->status > 599
             || fuzz_headers(&rd, &res->nheaders, 1) != 0
             || fuzz_body(&rd) != 0)
         {

@@ -8,7 +8,7 @@
  * metatables, arrays of values.  The first input byte picks the hook.
  *
  * Whatever comes back, the RESULT must be well formed and only carry what
- * the worker may use: a status from 100 to 599, at most SBX_MAX_HEADERS
+ * the worker may use: a status from 200 to 599, at most SBX_MAX_HEADERS
  * headers with valid names and values, a uri starting with "/".
  */
 

@@ -1274,14 +1274,15 @@ sbx_read_status(lua_State *L, int idx, uint32_t *status)
     } else {
         d = lua_tonumber(L, idx);
 
-        if (!(d >= 100 && d <= 599) || floor(d) != d) {
+        if (!(d >= 200 && d <= 599) || floor(d) != d) {
             return -1;
         }
 
         i = (lua_Integer) d;
     }
 
-    if (i < 100 || i > 599) {
+    /* a final answer: a 1xx would leave the client waiting for one */
+    if (i < 200 || i > 599) {
         return -1;
     }
 
@@ -1542,7 +1543,7 @@ sbx_read_result(lua_State *co, unsigned hook, sbx_wr_t *w, int write,
         /* a response: status, headers, body */
 
         if (sbx_read_status(co, -1, &status) != 0) {
-            snprintf(err, errlen, "status must be an integer from 100 to "
+            snprintf(err, errlen, "status must be an integer from 200 to "
                      "599");
             return SBX_OUT_BAD_RETURN;
         }

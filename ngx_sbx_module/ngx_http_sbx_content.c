@@ -266,7 +266,7 @@ ngx_http_sbx_content_send(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
     ngx_table_elt_t   *h;
 
     if (sbx_get_u32(rd, &status) != 0
-        || status < 100 || status > 599
+        || status < 200 || status > 599
         || sbx_get_count(rd, &n, SBX_MAX_HEADERS, 8) != 0)
     {
         goto invalid;
@@ -295,7 +295,7 @@ ngx_http_sbx_content_send(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
         goto invalid;
     }
 
-    if (status < 200 || status == NGX_HTTP_NO_CONTENT
+    if (status == NGX_HTTP_NO_CONTENT
         || status == NGX_HTTP_NOT_MODIFIED)
     {
         body.len = 0;

@@ -59,6 +59,10 @@ local cases = {
   string_status = function() return { status = "200", body = "x" } end,
   fractional    = function() return { status = 200.5, body = "x" } end,
   status_99     = function() return { status = 99, body = "x" } end,
+  status_100    = function() return { status = 100, body = "x" } end,
+  status_101    = function()
+    return { status = 101, headers = { upgrade = "h2c" }, body = "x" }
+  end,
   status_600    = function() return { status = 600, body = "x" } end,
   status_nan    = function() return { status = 0/0, body = "x" } end,
   header_space  = function()
@@ -206,7 +210,8 @@ is(length($e->{body} // ''), 200_000, 'req.body of 200 kB arrives whole');
 
 # --- invalid return values → 500 transform_error ---------------------------
 
-for my $case (qw(string_status fractional status_99 status_600 status_nan
+for my $case (qw(string_status fractional status_99 status_100 status_101
+                 status_600 status_nan
                  header_space header_colon header_empty value_crlf value_lf
                  value_cr value_nul not_table number nothing body_table
                  with_metatable)) {
