@@ -90,6 +90,13 @@ ngx_http_sbx_content_body(ngx_http_request_t *r)
     if (rc == NGX_AGAIN) {
         ctx = ngx_http_get_module_ctx(r, ngx_http_sbx_module);
         ctx->waiting = 1;
+
+        /*
+         * a client that closes its connection ends the request (499) and
+         * so cancels the call: a queued one never runs, a running one's
+         * answer is dropped (as proxy_pass does with its upstream)
+         */
+        r->read_event_handler = ngx_http_test_reading;
         return;
     }
 
