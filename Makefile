@@ -34,9 +34,11 @@ HELPER_HDRS := $(wildcard lua-runtime/*.h)
 MODULE_SRCS := $(wildcard ngx_sbx_module/*.c ngx_sbx_module/*.h)
 
 DEPS_STAMP := $(BUILD)/.deps-build
+# the compiler and flags of this build directory: a change rebuilds
+FLAGS_STAMP := $(BUILD)/.flags
 
 .PHONY: all deps deps-test run test bench install clean helper module
-.PHONY: test-asan fuzz fuzz-build
+.PHONY: test-asan fuzz fuzz-build FORCE
 .DELETE_ON_ERROR:
 
 all: module helper
@@ -51,16 +53,23 @@ $(DEPS_STAMP): tools/install-deps.sh
 deps-test:
 	sh tools/install-deps.sh test
 
+$(FLAGS_STAMP): FORCE
+	@mkdir -p $(BUILD)
+	@printf '%s\n' '$(CC) $(HELPER_CFLAGS)' '$(NGX_EXTRA_CFLAGS)' \
+	    '$(NGX_EXTRA_LDFLAGS)' > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+
 helper: $(BUILD)/sbx-lua-helper
 
 module: $(BUILD)/ngx_http_sbx_module.so
 
-$(BUILD)/sbx-lua-helper: $(HELPER_SRCS) $(HELPER_HDRS) | $(DEPS_STAMP)
+$(BUILD)/sbx-lua-helper: $(HELPER_SRCS) $(HELPER_HDRS) $(FLAGS_STAMP) \
+                         | $(DEPS_STAMP)
 	@mkdir -p $(BUILD)
 	$(CC) $(HELPER_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ \
 	    $(HELPER_SRCS) $(HELPER_LDFLAGS) $(HELPER_LIBS)
 
-$(NGX_BUILD)/objs/Makefile: config | $(DEPS_STAMP)
+$(NGX_BUILD)/objs/Makefile: config $(FLAGS_STAMP) | $(DEPS_STAMP)
 	rm -rf $(NGX_BUILD)
 	mkdir -p $(BUILD)
 	cp -a $(NGX_SRC) $(NGX_BUILD)
