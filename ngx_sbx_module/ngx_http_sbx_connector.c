@@ -887,8 +887,10 @@ ngx_http_sbx_connector_header_filter(ngx_http_request_t *r)
     r->buffered |= NGX_HTTP_SBX_BUFFERED;
 
     if (r->headers_out.content_length_n > (off_t) cctx->cap) {
+        /* refused from its header: the body is never read */
         cctx->size = r->headers_out.content_length_n;
         cctx->rs_state = NGX_HTTP_SBX_RS_OVERFLOW;
+        ngx_post_event(&cctx->post_ev, &ngx_posted_events);
     }
 
     if (r->header_only) {
@@ -955,6 +957,10 @@ ngx_http_sbx_connector_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
                 cctx->rs_state = NGX_HTTP_SBX_RS_READY;
             }
 
+            ngx_post_event(&cctx->post_ev, &ngx_posted_events);
+
+        } else if (cctx->rs_state == NGX_HTTP_SBX_RS_OVERFLOW) {
+            /* over the cap: the rest is not read (see _finish) */
             ngx_post_event(&cctx->post_ev, &ngx_posted_events);
         }
 
@@ -1258,6 +1264,7 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
 {
     sbx_rd_t                   rd;
     ngx_int_t                  rc;
+    ngx_http_upstream_t       *u;
     ngx_http_sbx_call_t       *call = cctx->call;
     ngx_http_sbx_connector_t  *c;
 
@@ -1270,6 +1277,18 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
                       "sbx: connector \"%V\": the upstream's answer "
                       "(%O bytes or more) exceeds sbx_response_buffer %uz",
                       c ? &c->name : &r->uri, cctx->size, cctx->cap);
+
+        u = r->upstream;
+
+        if (u && u->cleanup) {
+            /*
+             * the upstream is still sending: close it rather than read
+             * an answer nobody will see.  Its cleanup finalizes the
+             * request once (NGX_DONE); a reference keeps it for the 502.
+             */
+            r->main->count++;
+            (*u->cleanup)(r);
+        }
 
         cctx->rs_state = NGX_HTTP_SBX_RS_OWN;
         ngx_http_sbx_connector_clean_header(r);

@@ -186,6 +186,7 @@ $t->write_file('html/files/binary', $binary);
 $t->write_file('html/files/empty', '');
 $t->write_file('html/chunked/small', $small);
 $t->write_file('html/chunked/big', $big);
+$t->write_file('html/chunked/huge', $huge);
 
 $t->conf(<<'EOF');
 sbx_pool up size=2;
@@ -230,6 +231,13 @@ server {
     location /echo/ { sbx_connector upecho; }
     location /slow { sbx_connector upslow; }
     location /chunked/ { ssi on; ssi_types *; }
+    location /slowfiles/ { alias %%PREFIX%%/html/files/; limit_rate 200k; }
+    location /slowchunked/ {
+        alias %%PREFIX%%/html/chunked/;
+        ssi on;
+        ssi_types *;
+        limit_rate 200k;
+    }
     location /files/ { }
     location /gz/ {
         alias %%PREFIX%%/html/files/;
@@ -271,6 +279,12 @@ server {
     location /size/    {
         sbx_connector size;
         sbx_response_buffer 100k;
+        proxy_pass http://backend/;
+    }
+    location /sizenb/  {
+        sbx_connector size;
+        sbx_response_buffer 100k;
+        proxy_buffering off;
         proxy_pass http://backend/;
     }
     location /plain/   { proxy_pass http://backend/; }
@@ -501,6 +515,48 @@ is($r->{status}, 200, 'after overflow: next request fine');
 # default cap is 1m
 $r = $t->get('/resp/files/huge');
 $t->error_ok($r, 502, 'transform_error', 'over the default 1m cap: 502');
+
+# an answer over the cap is not read to its end: the upstream (sending the
+# 1.2 MB file at 200 kB/s, 6 s) is closed as soon as the cap is passed
+{
+    use Time::HiRes ();
+    my $t0 = Time::HiRes::time();
+    $r = $t->get('/size/slowfiles/huge');
+    my $took = Time::HiRes::time() - $t0;
+    $t->error_ok($r, 502, 'transform_error',
+                 'slow upstream over the cap (Content-Length): 502');
+    cmp_ok($took, '<', 2, sprintf('at once, from its header (%.2fs, the '
+                                  . 'whole answer takes 6 s)', $took));
+    $t0 = Time::HiRes::time();
+    $r = $t->get('/size/slowchunked/huge');
+    $took = Time::HiRes::time() - $t0;
+    $t->error_ok($r, 502, 'transform_error',
+                 'slow upstream over the cap (chunked): 502');
+    cmp_ok($took, '<', 3, sprintf('once 100k have come (%.2fs, the whole '
+                                  . 'answer takes 6 s)', $took));
+    # the upstream logs what it sent when it notices the closed connection
+    my @sent;
+    ok($t->wait_for(sub {
+        my $log = $t->read_file('upstream.log') // '';
+        @sent = $log =~ m{"GET /slow(?:files|chunked)/huge[^"]*" 200 (\d+)}g;
+        @sent == 2;
+    }, 5), 'the upstream logged both requests')
+        or diag($t->read_file('upstream.log'));
+    ok(!grep({ $_ >= length $huge } @sent),
+       "the upstream could not send the whole answer (sent: @sent)");
+    is($t->get('/size/files/small')->{status}, 200,
+       'after the early close: the next request is fine');
+
+    $t0 = Time::HiRes::time();
+    $r = $t->get('/sizenb/slowchunked/huge');
+    $took = Time::HiRes::time() - $t0;
+    $t->error_ok($r, 502, 'transform_error',
+                 'proxy_buffering off, over the cap: 502');
+    cmp_ok($took, '<', 3, sprintf('proxy_buffering off: early too (%.2fs)',
+                                  $took));
+    is($t->get('/sizenb/files/small')->{status}, 200,
+       'proxy_buffering off: the next request is fine');
+}
 
 # ---- upstream down and slow ------------------------------------------------
 
