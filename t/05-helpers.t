@@ -81,11 +81,16 @@ EOF
     is($t->get('/a')->{status}, 200, 'pool default answers');
     is($t->get('/b')->{status}, 200, 'pool big answers');
 
+    # every helper started and set up: a helper that is still loading its
+    # scripts has no seccomp filter yet (it installs it last)
     my $by;
     ok($t->wait_for(sub {
         $by = $t->helpers_by_worker;
-        keys %$by == 2 && !grep { @$_ != 4 } values %$by;
-    }, 10), 'each of 2 workers has 1 + 3 helpers (pool sizes)')
+        my @all = map { @$_ } values %$by;
+        keys %$by == 2 && !grep({ @$_ != 4 } values %$by)
+            && !grep({ (slurp("/proc/$_/status") // '') !~ /^Seccomp:\t2$/m }
+                     @all);
+    }, 20), 'each of 2 workers has 1 + 3 helpers (pool sizes), all set up')
         or diag(explain($by));
 
     my @helpers = $t->helper_pids;

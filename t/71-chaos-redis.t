@@ -83,6 +83,11 @@ sub hget {
     return wantarray ? ($r, time - $t0) : $r;
 }
 
+# how long recovery may take: the circuit probes at most every 2 s, and a
+# probe fails while Redis answers slower than timeout=50ms (a loaded
+# machine); each worker has its own circuit
+my $RECOVER = 30;
+
 my $seq = 0;
 sub fresh { return 'fresh' . ++$seq . "-$$" }
 
@@ -95,7 +100,7 @@ sub counted_in_redis {
     return $t->redis_cli('EXISTS', "t71:$name:$k") eq '1';
 }
 
-ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, 10),
+ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, $RECOVER),
    'Redis counts the limits at start');
 for (1 .. 5) { hget($_, 'warm') for qw(/local /open /closed /tight) }
 
@@ -169,9 +174,9 @@ my $m = sub { $t->get('/status')->{content} // '' };
 
 {
     $t->redis_start(port => $rport, @redis_args);
-    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, 10),
+    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, $RECOVER),
        'Redis restarted: limits counted in Redis again');
-    ok($t->wait_for(sub { counted_in_redis('/local', 'lo') }, 5),
+    ok($t->wait_for(sub { counted_in_redis('/local', 'lo') }, $RECOVER),
        'on the local-fallback route too');
     sleep 2;
 }
@@ -188,7 +193,7 @@ my $m = sub { $t->get('/status')->{content} // '' };
     my @st = map { hget('/tight', $k)->{status} } 1 .. 3;
     is("@st", '200 200 429', 'Redis paused: the local fallback enforces the limit');
     sleep(3.2 - (time - $t0)) if time - $t0 < 3.2;
-    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, 10),
+    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, $RECOVER),
        'after the pause: counted in Redis again');
     sleep 1;
 }
@@ -245,7 +250,7 @@ sub sleeper {
     is($?, 0, 'the 200ms sleeper ran');
     like(substr($t->error_log, $len), qr/circuit open, rate limits use the fallback/,
          'the circuit opened');
-    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, 10),
+    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, $RECOVER),
        'Redis fast again: counted in Redis again');
     like(substr($t->error_log, $len), qr/answers again, circuit closed/,
          'recovery logged');
@@ -262,7 +267,7 @@ sub sleeper {
         $t->redis_start(port => $rport, @redis_args);
         sleep 0.7;
     }
-    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, 10),
+    ok($t->wait_for(sub { counted_in_redis('/closed', 'cl') }, $RECOVER),
        'after three quick kill/restart cycles: counted in Redis again');
     sleep 1;
 }
