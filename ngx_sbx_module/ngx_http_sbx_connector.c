@@ -49,6 +49,7 @@
 #define NGX_HTTP_SBX_RS_CALLING        4
 #define NGX_HTTP_SBX_RS_OWN            5    /* sending our answer */
 #define NGX_HTTP_SBX_RS_DONE           6
+#define NGX_HTTP_SBX_RS_BROKEN         7    /* the upstream quit mid-answer */
 
 
 typedef struct {
@@ -962,12 +963,21 @@ ngx_http_sbx_connector_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         } else if (cctx->rs_state == NGX_HTTP_SBX_RS_OVERFLOW) {
             /* over the cap: the rest is not read (see _finish) */
             ngx_post_event(&cctx->post_ev, &ngx_posted_events);
+
+        } else if (r->upstream && r->upstream->cleanup == NULL) {
+            /*
+             * the upstream module finalized without the end of the answer
+             * (closed early, timed out, an error): it only flushes
+             */
+            cctx->rs_state = NGX_HTTP_SBX_RS_BROKEN;
+            ngx_post_event(&cctx->post_ev, &ngx_posted_events);
         }
 
         return NGX_OK;
 
     case NGX_HTTP_SBX_RS_READY:
     case NGX_HTTP_SBX_RS_CALLING:
+    case NGX_HTTP_SBX_RS_BROKEN:
 
         for (cl = in; cl; cl = cl->next) {
             cl->buf->pos = cl->buf->last;
@@ -1289,6 +1299,21 @@ ngx_http_sbx_connector_response_finish(ngx_http_request_t *r,
             r->main->count++;
             (*u->cleanup)(r);
         }
+
+        cctx->rs_state = NGX_HTTP_SBX_RS_OWN;
+        ngx_http_sbx_connector_clean_header(r);
+        rc = ngx_http_sbx_send_error(r, NGX_HTTP_BAD_GATEWAY,
+                                     NGX_HTTP_SBX_TRANSFORM_ERROR, 0);
+        goto done;
+    }
+
+    if (cctx->rs_state == NGX_HTTP_SBX_RS_BROKEN) {
+        c = ngx_http_sbx_connector_of(r);
+
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "sbx: connector \"%V\": the upstream's answer broke "
+                      "off after %O bytes; the response hook does not run",
+                      c ? &c->name : &r->uri, cctx->size);
 
         cctx->rs_state = NGX_HTTP_SBX_RS_OWN;
         ngx_http_sbx_connector_clean_header(r);
