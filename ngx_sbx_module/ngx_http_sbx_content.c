@@ -29,6 +29,8 @@ static ngx_str_t  ngx_http_sbx_hop_by_hop[] = {
     ngx_string("transfer-encoding"),
     ngx_string("upgrade"),
     ngx_string("content-length"),
+    ngx_string("date"),                 /* nginx sends its own, once */
+    ngx_string("server"),
     ngx_string("ratelimit"),            /* the gateway's own fields */
     ngx_string("ratelimit-policy"),
     ngx_null_string

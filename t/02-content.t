@@ -48,7 +48,9 @@ return function(req)
     status = 418,
     headers = { ["X-Brew"] = "earl grey", ["Cache-Control"] = "no-store",
                 ["X-Multi"] = { "one", 2 }, ["Content-Length"] = "999",
-                ["Connection"] = "close", ["X-Num"] = 7 },
+                ["Connection"] = "close", ["X-Num"] = 7,
+                ["Date"] = "Mon, 01 Jan 2001 00:00:00 GMT",
+                ["Server"] = "teapot/1.0" },
     body = "short and stout\n",
   }
 end
@@ -171,6 +173,12 @@ my $raw = $t->raw_request("GET /teapot HTTP/1.1\r\nHost: x\r\n\r\n",
                           timeout => 1);
 like($raw, qr/^connection:\s*keep-alive\r?$/mi,
        'teapot: hop-by-hop headers of the script are dropped');
+my @dates = $raw =~ /^date:\s*(.*?)\r?$/mgi;
+is(scalar @dates, 1, 'teapot: one Date field, nginx\'s');
+unlike($dates[0] // '', qr/2001/, 'teapot: the script\'s Date is dropped');
+my @servers = $raw =~ /^server:\s*(.*?)\r?$/mgi;
+ok(!grep({ /teapot/ } @servers) && @servers <= 1,
+   'teapot: the script\'s Server is dropped');
 
 # --- the req table -----------------------------------------------------------
 
