@@ -639,6 +639,8 @@ ngx_http_sbx_connector_apply(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
  * Replaces r->headers_in.headers with the script's set and points the
  * known-header fields of r->headers_in (host, content_type, cookies, ...)
  * at the new entries, so that variables and upstream modules see them.
+ * The client's Upgrade stays (a script may not set it, but it may pass a
+ * WebSocket handshake on: "proxy_set_header Upgrade $http_upgrade;").
  */
 
 static ngx_int_t
@@ -646,10 +648,17 @@ ngx_http_sbx_connector_set_headers(ngx_http_request_t *r, sbx_rd_t *rd,
     uint32_t n)
 {
     uint32_t            i;
+    ngx_str_t           upgrade;
     ngx_uint_t          k;
     ngx_array_t        *a;
     sbx_header_t        hd;
     ngx_http_header_t  *hh;
+
+    ngx_str_null(&upgrade);
+
+    if (r->headers_in.upgrade) {
+        upgrade = r->headers_in.upgrade->value;
+    }
 
     if (ngx_list_init(&r->headers_in.headers, r->pool, n + 2,
                       sizeof(ngx_table_elt_t))
@@ -707,6 +716,12 @@ ngx_http_sbx_connector_set_headers(ngx_http_request_t *r, sbx_rd_t *rd,
         {
             return NGX_ERROR;
         }
+    }
+
+    if (upgrade.len) {
+        return ngx_http_sbx_connector_push_header(r, (u_char *) "Upgrade",
+                                                  sizeof("Upgrade") - 1,
+                                                  upgrade.data, upgrade.len);
     }
 
     return NGX_OK;
@@ -872,7 +887,10 @@ ngx_http_sbx_connector_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
-    if (cctx->rs_state != NGX_HTTP_SBX_RS_NONE) {
+    if (cctx->rs_state != NGX_HTTP_SBX_RS_NONE
+        || r->headers_out.status == NGX_HTTP_SWITCHING_PROTOCOLS)
+    {
+        /* a 101 has no answer to transform: the tunnel goes through */
         return ngx_http_next_header_filter(r);
     }
 
