@@ -10,56 +10,35 @@ use strict;
 use warnings;
 
 use lib 't/lib';
-use IO::Socket::INET;
 use SbxTest;
 use Test::More;
 use Time::HiRes qw(sleep time);
 
 my $t = SbxTest->new;
 
-my $srv = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
-                                Listen => 16, ReuseAddr => 1)
-    or die "listen: $!";
-my $uport = $srv->sockport;
-
 # the upstream: /short sends 10 of 1000 bytes and closes; /chunked sends
 # one chunk and closes; /stall sends 10 bytes and waits 5 s; /whole answers
 # properly
-my $upid = fork // die "fork: $!";
-if ($upid == 0) {
-    $SIG{CHLD} = 'IGNORE';
-    while (my $c = $srv->accept) {
-        my $kid = fork;
-        if (defined $kid && $kid == 0) {
-            my $line = <$c> // '';
-            while (my $h = <$c>) { last if $h =~ /^\r?\n$/ }
-            my ($path) = $line =~ m{^\w+ (\S+)};
-            $path //= '';
-            if ($path =~ m{/short}) {
-                print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         . "Content-Length: 1000\r\n\r\nshort body";
-            } elsif ($path =~ m{/chunked}) {
-                print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         . "Transfer-Encoding: chunked\r\n\r\n"
-                         . "a\r\nfirst part\r\n";
-            } elsif ($path =~ m{/stall}) {
-                print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         . "Content-Length: 1000\r\n\r\nshort body";
-                $c->flush;
-                sleep 5;
-            } else {
-                print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         . "Content-Length: 5\r\nConnection: close\r\n\r\n"
-                         . "whole";
-            }
-            close $c;
-            exit 0;
-        }
-        close $c;
+my ($uport, $upid) = SbxTest::raw_server(sub {
+    my ($c, $line) = @_;
+    my ($path) = $line =~ m{^\w+ (\S+)};
+    $path //= '';
+    if ($path =~ m{/short}) {
+        print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                 . "Content-Length: 1000\r\n\r\nshort body";
+    } elsif ($path =~ m{/chunked}) {
+        print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                 . "Transfer-Encoding: chunked\r\n\r\n"
+                 . "a\r\nfirst part\r\n";
+    } elsif ($path =~ m{/stall}) {
+        print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                 . "Content-Length: 1000\r\n\r\nshort body";
+        sleep 5;
+    } else {
+        print {$c} "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                 . "Content-Length: 5\r\nConnection: close\r\n\r\nwhole";
     }
-    exit 0;
-}
-close $srv;
+});
 
 $t->write_file('wrap.lua', <<'EOF');
 return {
@@ -141,8 +120,7 @@ cmp_ok($took, '<', 1, 'no response hook: the broken answer ends at once');
 like($r->{content} // '', qr/short body|Unexpected end/,
      'no response hook: the client got what the upstream sent, as from nginx');
 
-kill 'TERM', $upid;
-waitpid($upid, 0);
+SbxTest::raw_server_stop($upid);
 
 $t->stop;
 $t->check_error_log;

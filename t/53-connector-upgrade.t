@@ -17,42 +17,20 @@ use Test::More;
 
 my $t = SbxTest->new;
 
-my $srv = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
-                                Listen => 16, ReuseAddr => 1)
-    or die "listen: $!";
-my $uport = $srv->sockport;
-
-my $upid = fork // die "fork: $!";
-if ($upid == 0) {
-    $SIG{CHLD} = 'IGNORE';
-    while (my $c = $srv->accept) {
-        my $kid = fork;
-        if (defined $kid && $kid == 0) {
-            my %h;
-            my $line = <$c> // '';
-            while (my $l = <$c>) {
-                last if $l =~ /^\r?\n$/;
-                $h{lc $1} = $2 if $l =~ /^([^:]+):\s*(.*?)\r?$/;
-            }
-            if (($h{upgrade} // '') ne 'websocket') {
-                print {$c} "HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n"
-                         . "Connection: close\r\n\r\nno upgrade\n";
-                exit 0;
-            }
-            print {$c} "HTTP/1.1 101 Switching Protocols\r\n"
-                     . "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                     . "X-Auth-Seen: " . ($h{'x-auth'} // 'none') . "\r\n\r\n";
-            $c->autoflush(1);
-            while (my $l = <$c>) {
-                print {$c} "echo:$l";
-            }
-            exit 0;
-        }
-        close $c;
+my ($uport, $upid) = SbxTest::raw_server(sub {
+    my ($c, $line, $h) = @_;
+    if (($h->{upgrade} // '') ne 'websocket') {
+        print {$c} "HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n"
+                 . "Connection: close\r\n\r\nno upgrade\n";
+        return;
     }
-    exit 0;
-}
-close $srv;
+    print {$c} "HTTP/1.1 101 Switching Protocols\r\n"
+             . "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+             . "X-Auth-Seen: " . ($h->{'x-auth'} // 'none') . "\r\n\r\n";
+    while (my $l = <$c>) {
+        print {$c} "echo:$l";
+    }
+});
 
 $t->write_file('auth.lua', <<'EOF');
 return {
@@ -136,8 +114,7 @@ my $r = $t->get('/both/plain');
 is($r->{status}, 400, 'no upgrade: the upstream\'s status');
 is($r->{content}, "wrapped:no upgrade\n", 'through the response hook');
 
-kill 'TERM', $upid;
-waitpid($upid, 0);
+SbxTest::raw_server_stop($upid);
 
 $t->stop;
 $t->check_error_log;

@@ -652,6 +652,48 @@ sub raw_request {
     return $out;
 }
 
+# A raw TCP server on a free loopback port, for upstreams nginx cannot
+# play (answers that break off, 101 handshakes): a child process accepts
+# and runs $handler->($socket, $request_line, {lower-case headers}) in a
+# process of its own per connection.  Returns (port, pid); stop it with
+# SbxTest::raw_server_stop($pid).
+sub raw_server {
+    my ($handler) = @_;
+    my $srv = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
+                                    Listen => 16, ReuseAddr => 1)
+        or croak "listen: $!";
+    my $port = $srv->sockport;
+    my $pid = fork // croak "fork: $!";
+    if ($pid == 0) {
+        $SIG{CHLD} = 'IGNORE';
+        while (my $c = $srv->accept) {
+            my $kid = fork;
+            if (defined $kid && $kid == 0) {
+                my %h;
+                my $line = <$c> // '';
+                while (my $l = <$c>) {
+                    last if $l =~ /^\r?\n$/;
+                    $h{lc $1} = $2 if $l =~ /^([^:]+):\s*(.*?)\r?$/;
+                }
+                $c->autoflush(1);
+                $handler->($c, $line, \%h);
+                close $c;
+                POSIX::_exit(0);
+            }
+            close $c;
+        }
+        POSIX::_exit(0);
+    }
+    close $srv;
+    return ($port, $pid);
+}
+
+sub raw_server_stop {
+    my ($pid) = @_;
+    kill 'TERM', $pid;
+    waitpid($pid, 0);
+}
+
 # Asserts (as one ok()) that $r is the module's error answer: status
 # $status, Content-Type application/json and a body that is exactly
 # {"error":"$code","request_id":"<id>"} (a trailing newline allowed).
