@@ -19,8 +19,9 @@
 #        CONNECTIONS (wrk, default 64), THREADS (wrk, default 1),
 #        WARMUP (seconds per target, default 2), POOL_SIZE (default 2),
 #        PIPELINE (default 4), CHAIN (chain= of the audited one, default
-#        on; none: no audit log on either, an A/A control of the set-up), AUDIT_DIR (a directory to create the audit log's directory
-#        in, e.g. /dev/shm; default: the temporary prefix under /tmp),
+#        on; none: no audit log on either, an A/A control of the set-up),
+#        AUDIT_DIR (a directory to create the audit log's directory in,
+#        e.g. /dev/shm; default: the temporary prefix under /tmp),
 #        AUDIT_BUFFER (e.g. 64k: the audited one gets buffer=SIZE
 #        flush=200ms, lines written in batches),
 #        KEEP=1 (keep the prefix and the audit log)
@@ -31,18 +32,7 @@ set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
-BUILD=${BUILD:-$ROOT/build}
-NGINX_BIN=${NGINX:-/usr/sbin/nginx}
-unset NGINX     # nginx reads $NGINX as a list of inherited sockets
-DURATION=${DURATION:-4}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-6}
-CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-1}
-WARMUP=${WARMUP:-2}
-POOL_SIZE=${POOL_SIZE:-2}
-PIPELINE=${PIPELINE:-4}
-KEEP=${KEEP:-0}
+bench_setup audit.sh 4 6 2
 AUDIT_DIR=${AUDIT_DIR:-}
 CHAIN=${CHAIN:-on}
 AUDIT_BUFFER=${AUDIT_BUFFER:-}
@@ -50,42 +40,12 @@ BUFFER_PARAMS=
 [ -n "$AUDIT_BUFFER" ] && BUFFER_PARAMS=" buffer=$AUDIT_BUFFER flush=200ms"
 TARGETS="off on"
 
-die() { echo "audit.sh: $*" >&2; exit 1; }
-
-for c in wrk curl perl; do
-    command -v $c >/dev/null \
-        || die "$c is missing (sh tools/install-deps.sh bench)"
-done
-[ -x "$NGINX_BIN" ] || die "no nginx at $NGINX_BIN"
-for f in "$BUILD/ngx_http_sbx_module.so" "$BUILD/sbx-lua-helper"; do
-    [ -e "$f" ] || die "$f is missing (make BUILD=$BUILD)"
-done
-BUILD=$(cd "$BUILD" && pwd)
-
-P=$(mktemp -d /tmp/sbx-bench-XXXXXXXX)
-chmod 755 "$P"      # workers run as an unprivileged user when started as root
-PIDS=""
-
-cleanup() {
-    for pid in $PIDS; do
-        stop_pid "$pid"
-    done
-    PIDS=""
-    if [ "$KEEP" = 1 ]; then
-        echo "audit.sh: prefix kept in $P"
-    else
-        rm -rf "$P"
-        case $AUDIT_DIR in */sbx-bench-audit-*) rm -rf "$AUDIT_DIR" ;; esac
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 cp "$ROOT/bench/transform.lua" "$ROOT/bench/body.json" \
    "$ROOT/bench/expected.json" "$ROOT/bench/post.lua" "$P/"
 chmod 644 "$P"/*
 if [ -n "$AUDIT_DIR" ]; then
     AUDIT_DIR=$(mktemp -d "$AUDIT_DIR/sbx-bench-audit-XXXXXXXX")
+    RM_DIRS=$AUDIT_DIR
 else
     AUDIT_DIR=$P/audit
     mkdir "$AUDIT_DIR"

@@ -29,51 +29,9 @@ set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
-BUILD=${BUILD:-$ROOT/build}
-NGINX_BIN=${NGINX:-/usr/sbin/nginx}
-unset NGINX     # nginx reads $NGINX as a list of inherited sockets
-DURATION=${DURATION:-5}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-3}
-CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-1}
-WARMUP=${WARMUP:-2}
-POOL_SIZE=${POOL_SIZE:-2}
-PIPELINE=${PIPELINE:-4}
-KEEP=${KEEP:-0}
-NGX_MODULES=${NGX_MODULES:-/usr/lib/nginx/modules}
+bench_setup connector.sh 5 3 2
+need_lua_module
 TARGETS="plain sbx openresty"
-
-die() { echo "connector.sh: $*" >&2; exit 1; }
-
-for c in wrk curl perl; do
-    command -v $c >/dev/null \
-        || die "$c is missing (sh tools/install-deps.sh bench)"
-done
-[ -x "$NGINX_BIN" ] || die "no nginx at $NGINX_BIN"
-for f in "$BUILD/ngx_http_sbx_module.so" "$BUILD/sbx-lua-helper" \
-         "$NGX_MODULES/ndk_http_module.so" \
-         "$NGX_MODULES/ngx_http_lua_module.so"; do
-    [ -e "$f" ] || die "$f is missing (make BUILD=$BUILD;" \
-                       "sh tools/install-deps.sh bench)"
-done
-BUILD=$(cd "$BUILD" && pwd)
-
-P=$(mktemp -d /tmp/sbx-bench-conn-XXXXXXXX)
-chmod 755 "$P"      # workers run as an unprivileged user when started as root
-NGX_PID=""
-
-cleanup() {
-    [ -z "$NGX_PID" ] || stop_pid "$NGX_PID"
-    NGX_PID=""
-    if [ "$KEEP" = 1 ]; then
-        echo "connector.sh: prefix kept in $P"
-    else
-        rm -rf "$P"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 PORT=$(free_port)
 UPORT=$(free_port)
@@ -164,6 +122,7 @@ EOF
 
 "$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
 NGX_PID=$!
+PIDS=$NGX_PID
 
 wait_http "$URL/plain" "$NGX_PID" "$P/error.log" || die "nginx did not start"
 

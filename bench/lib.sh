@@ -173,3 +173,72 @@ rotate() {      # rotate ROUND ITEMS...: the items, starting at ROUND's turn
         s = ""; for (i = 0; i < n; i++) s = s " " $(((k - 1) % n) + 1 + i)
         print s }'
 }
+
+die() { echo "${BENCH_NAME:-bench}: $*" >&2; exit 1; }
+
+# bench_setup NAME DURATION ROUNDS WARMUP [COMMAND...]: what every script
+# of bench/ starts with (sourced from it, $ROOT set).  Sets the defaults
+# of the environment it does not set (BUILD, NGINX_BIN, DURATION, ROUNDS,
+# WARMUP, CONNECTIONS, THREADS, POOL_SIZE, PIPELINE, KEEP, NGX_MODULES),
+# checks wrk, curl, perl and the COMMANDs, the nginx binary and the build,
+# and makes the scratch prefix $P.  At exit every pid in $PIDS gets QUIT,
+# every one in $TERM_PIDS TERM, then $P and the directories in $RM_DIRS
+# are removed (kept with KEEP=1).
+bench_setup() {
+    BENCH_NAME=$1
+    BUILD=${BUILD:-$ROOT/build}
+    NGINX_BIN=${NGINX:-/usr/sbin/nginx}
+    unset NGINX     # nginx reads $NGINX as a list of inherited sockets
+    DURATION=${DURATION:-$2}
+    DURATION=${DURATION%s}
+    ROUNDS=${ROUNDS:-$3}
+    WARMUP=${WARMUP:-$4}
+    shift 4
+    CONNECTIONS=${CONNECTIONS:-64}
+    THREADS=${THREADS:-1}
+    POOL_SIZE=${POOL_SIZE:-2}
+    PIPELINE=${PIPELINE:-4}
+    KEEP=${KEEP:-0}
+    NGX_MODULES=${NGX_MODULES:-/usr/lib/nginx/modules}
+
+    for c in wrk curl perl "$@"; do
+        command -v "$c" >/dev/null \
+            || die "$c is missing (sh tools/install-deps.sh bench)"
+    done
+    [ -x "$NGINX_BIN" ] || die "no nginx at $NGINX_BIN"
+    for f in "$BUILD/ngx_http_sbx_module.so" "$BUILD/sbx-lua-helper"; do
+        [ -e "$f" ] || die "$f is missing (make BUILD=$BUILD)"
+    done
+    BUILD=$(cd "$BUILD" && pwd)
+
+    P=$(mktemp -d /tmp/sbx-bench-XXXXXXXX)
+    chmod 755 "$P"  # workers run as an unprivileged user when started as root
+    PIDS=""
+    TERM_PIDS=""
+    RM_DIRS=""
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+    for pid in $PIDS; do
+        stop_pid "$pid"
+    done
+    for pid in $TERM_PIDS; do
+        stop_pid "$pid" TERM
+    done
+    PIDS=""
+    TERM_PIDS=""
+    if [ "$KEEP" = 1 ]; then
+        echo "$BENCH_NAME: prefix kept in $P"
+    else
+        rm -rf "$P" $RM_DIRS
+    fi
+}
+
+need_lua_module() {     # the lua-nginx-module baseline of run, connector, ratelimit
+    for f in ndk_http_module.so ngx_http_lua_module.so; do
+        [ -e "$NGX_MODULES/$f" ] || die "$NGX_MODULES/$f is missing" \
+            "(Debian libnginx-mod-http-lua: sh tools/install-deps.sh bench)"
+    done
+}

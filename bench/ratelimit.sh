@@ -40,56 +40,13 @@ set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
-BUILD=${BUILD:-$ROOT/build}
-NGINX_BIN=${NGINX:-/usr/sbin/nginx}
-unset NGINX     # nginx reads $NGINX as a list of inherited sockets
-DURATION=${DURATION:-3}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-3}
-CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-1}
-WARMUP=${WARMUP:-1}
-KEEP=${KEEP:-0}
-NGX_MODULES=${NGX_MODULES:-/usr/lib/nginx/modules}
-TARGETS="base limitreq sbx lua flood"
-NT=5
-
-die() { echo "ratelimit.sh: $*" >&2; exit 1; }
-
-for c in wrk curl redis-server redis-cli perl; do
-    command -v $c >/dev/null \
-        || die "$c is missing (sh tools/install-deps.sh bench)"
-done
-[ -x "$NGINX_BIN" ] || die "no nginx at $NGINX_BIN"
-[ -e "$BUILD/ngx_http_sbx_module.so" ] \
-    || die "$BUILD/ngx_http_sbx_module.so is missing (make BUILD=$BUILD)"
-for f in ndk_http_module.so ngx_http_lua_module.so; do
-    [ -e "$NGX_MODULES/$f" ] || die "$NGX_MODULES/$f is missing" \
-        "(Debian libnginx-mod-http-lua)"
-done
+bench_setup ratelimit.sh 3 3 1 redis-server redis-cli
+need_lua_module
 [ -e /usr/share/lua/5.1/resty/redis.lua ] \
     || [ -e /usr/share/lua/5.1/nginx/redis.lua ] \
     || die "lua-resty-redis is missing (Debian lua-nginx-redis)"
-BUILD=$(cd "$BUILD" && pwd)
-
-P=$(mktemp -d /tmp/sbx-bench-XXXXXXXX)
-chmod 755 "$P"      # workers run as an unprivileged user when started as root
-NGX_PID=""
-REDIS_PID=""
-
-cleanup() {
-    [ -n "$NGX_PID" ] && stop_pid "$NGX_PID" QUIT
-    NGX_PID=""
-    [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID" TERM
-    REDIS_PID=""
-    if [ "$KEEP" = 1 ]; then
-        echo "ratelimit.sh: prefix kept in $P"
-    else
-        rm -rf "$P"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+TARGETS="base limitreq sbx lua flood"
+NT=5
 
 PORT=$(free_port)
 RPORT=$(free_port)
@@ -102,6 +59,7 @@ redis-server --bind 127.0.0.1 --port "$RPORT" --dir "$P" \
     --save '' --appendonly no --daemonize no \
     --logfile "$P/redis.log" --pidfile "$P/redis.pid" &
 REDIS_PID=$!
+TERM_PIDS=$REDIS_PID
 RCLI="redis-cli -h 127.0.0.1 -p $RPORT"
 i=0
 until $RCLI ping >/dev/null 2>&1; do
@@ -222,6 +180,7 @@ EOF
 
 "$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
 NGX_PID=$!
+PIDS=$NGX_PID
 
 wait_http "$URL/base" "$NGX_PID" "$P/error.log" || die "nginx did not start"
 

@@ -42,51 +42,10 @@ set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
-BUILD=${BUILD:-$ROOT/build}
-NGINX_BIN=${NGINX:-/usr/sbin/nginx}
-unset NGINX     # nginx reads $NGINX as a list of inherited sockets
-DURATION=${DURATION:-5}
-DURATION=${DURATION%s}
-ROUNDS=${ROUNDS:-3}
-CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-1}
-WARMUP=${WARMUP:-2}
-POOL_SIZE=${POOL_SIZE:-2}
-PIPELINE=${PIPELINE:-4}
+bench_setup bench 5 3 2
+need_lua_module
 RESIDENCY=${RESIDENCY:-1}
-KEEP=${KEEP:-0}
-NGX_MODULES=${NGX_MODULES:-/usr/lib/nginx/modules}
 TARGETS="return200 sbx openresty"
-
-die() { echo "bench: $*" >&2; exit 1; }
-
-command -v wrk >/dev/null || die "wrk is missing (sh tools/install-deps.sh bench)"
-command -v curl >/dev/null || die "curl is missing (sh tools/install-deps.sh bench)"
-[ -x "$NGINX_BIN" ] || die "no nginx at $NGINX_BIN"
-for f in "$BUILD/ngx_http_sbx_module.so" "$BUILD/sbx-lua-helper"; do
-    [ -e "$f" ] || die "$f is missing (make BUILD=$BUILD)"
-done
-for f in ndk_http_module.so ngx_http_lua_module.so; do
-    [ -e "$NGX_MODULES/$f" ] || die "$NGX_MODULES/$f is missing" \
-        "(Debian libnginx-mod-http-lua: sh tools/install-deps.sh bench)"
-done
-BUILD=$(cd "$BUILD" && pwd)
-
-P=$(mktemp -d /tmp/sbx-bench-XXXXXXXX)
-chmod 755 "$P"      # workers run as an unprivileged user when started as root
-NGX_PID=""
-
-cleanup() {
-    [ -z "$NGX_PID" ] || stop_pid "$NGX_PID"
-    NGX_PID=""
-    if [ "$KEEP" = 1 ]; then
-        echo "bench: prefix kept in $P"
-    else
-        rm -rf "$P"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 PORT=$(free_port)
 URL=http://127.0.0.1:$PORT
@@ -141,6 +100,7 @@ EOF
 
 "$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
 NGX_PID=$!
+PIDS=$NGX_PID
 
 wait_http "$URL/return200" "$NGX_PID" "$P/error.log" \
     || die "nginx did not start"
@@ -241,7 +201,7 @@ bad=$(grep -cE '\[(alert|emerg|crit)\]' "$P/error.log" || true)
 [ "$bad" -eq 0 ] || { echo "bench: error log has $bad alert/emerg/crit lines:";
                       grep -E '\[(alert|emerg|crit)\]' "$P/error.log" | head -5; }
 
-cleanup
+bench_cleanup
 trap - EXIT
 
 # ---------------------------------------------------------------- connector mode
