@@ -14,19 +14,10 @@ use SbxTest;
 use Test::More;
 use Time::HiRes qw(sleep time);
 
-sub slurp {
-    my ($path) = @_;
-    open my $fh, '<', $path or return undef;
-    local $/;
-    my $s = <$fh>;
-    close $fh;
-    return $s;
-}
-
 # user + system CPU time of a process, in clock ticks
 sub cpu_ticks {
     my ($pid) = @_;
-    my $stat = slurp("/proc/$pid/stat") // return 0;
+    my $stat = SbxTest::slurp("/proc/$pid/stat") // return 0;
     my @f = split ' ', ($stat =~ /\)\s+(.*)/s)[0] // '';
     return ($f[11] // 0) + ($f[12] // 0);
 }
@@ -52,7 +43,7 @@ sub spawn_get {
 
 sub read_result {
     my ($file) = @_;
-    my $s = slurp($file) // return { status => 0, headers => {}, content => '' };
+    my $s = SbxTest::slurp($file) // return { status => 0, headers => {}, content => '' };
     my ($status, $ra, $ct, $body) = split /\n/, $s, 4;
     return { status => $status, content => $body // '',
              headers => { 'retry-after' => $ra eq '' ? undef : $ra,
@@ -88,7 +79,7 @@ EOF
         $by = $t->helpers_by_worker;
         my @all = map { @$_ } values %$by;
         keys %$by == 2 && !grep({ @$_ != 4 } values %$by)
-            && !grep({ (slurp("/proc/$_/status") // '') !~ /^Seccomp:\t2$/m }
+            && !grep({ (SbxTest::slurp("/proc/$_/status") // '') !~ /^Seccomp:\t2$/m }
                      @all);
     }, 20), 'each of 2 workers has 1 + 3 helpers (pool sizes), all set up')
         or diag(explain($by));
@@ -99,7 +90,7 @@ EOF
         my $exe = readlink("/proc/$pid/exe") // '';
         $exe =~ s/ \(deleted\)\z//;
         is($exe, $helper_bin, "helper $pid runs the helper binary");
-        my $st = slurp("/proc/$pid/status") // '';
+        my $st = SbxTest::slurp("/proc/$pid/status") // '';
         like($st, qr/^Seccomp:\t2$/m, "helper $pid: Seccomp 2 (filter)");
         like($st, qr/^NoNewPrivs:\t1$/m, "helper $pid: NoNewPrivs 1");
         my ($uids) = $st =~ /^Uid:\t(.*)$/m;
@@ -107,7 +98,7 @@ EOF
            "helper $pid: no uid is 0 ($uids)");
         my ($cap) = $st =~ /^CapEff:\t(\w+)$/m;
         like($cap // 'x', qr/^0+$/, "helper $pid: no effective capabilities");
-        my $env = slurp("/proc/$pid/environ") // '';
+        my $env = SbxTest::slurp("/proc/$pid/environ") // '';
         my @vars = grep { length } split /\0/, $env;
         ok(!grep({ !/^TZ=/ } @vars), "helper $pid: environment is empty but TZ")
             or diag("environ: @vars");
@@ -286,7 +277,7 @@ is($t->get('/slow?s=0')->{status}, 200, 'slow connector answers');
     close $s;
     waitpid($child, 0);
 
-    my @lines = split /\n/, slurp($log) // '';
+    my @lines = split /\n/, SbxTest::slurp($log) // '';
     cmp_ok(scalar @lines, '>', 10, 'the stream ran (' . scalar(@lines) . ' requests)');
     my @bad = grep { !/^200 v[123]$/ } @lines;
     is(scalar @bad, 0, 'no failed request during reloads') or diag("@bad[0..9]");

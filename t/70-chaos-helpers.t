@@ -25,18 +25,9 @@ my $KILL_SECONDS = $ENV{SBX_CHAOS_SECONDS} // 25;
 # may lower it, the count is printed either way
 my $MIN_KILLS = $ENV{SBX_CHAOS_MIN_KILLS} // 1000;
 
-sub slurp {
-    my ($path) = @_;
-    open my $fh, '<', $path or return undef;
-    local $/;
-    my $s = <$fh>;
-    close $fh;
-    return $s;
-}
-
 sub proc_state {
     my ($pid) = @_;
-    my $stat = slurp("/proc/$pid/stat") // return '';
+    my $stat = SbxTest::slurp("/proc/$pid/stat") // return '';
     return $stat =~ /\)\s+(\S)/ ? $1 : '';
 }
 
@@ -46,7 +37,7 @@ sub children {
     my @kids;
     opendir my $dh, "/proc/$pid/task" or return ();
     for my $tid (grep { /^\d+$/ } readdir $dh) {
-        my $c = slurp("/proc/$pid/task/$tid/children") // '';
+        my $c = SbxTest::slurp("/proc/$pid/task/$tid/children") // '';
         push @kids, split ' ', $c;
     }
     closedir $dh;
@@ -56,14 +47,6 @@ sub children {
 sub zombies_of {
     my (@workers) = @_;
     return grep { proc_state($_) eq 'Z' } map { children($_) } @workers;
-}
-
-sub fd_count {
-    my ($pid) = @_;
-    opendir my $dh, "/proc/$pid/fd" or return -1;
-    my $n = grep { /^\d+$/ } readdir $dh;
-    closedir $dh;
-    return $n;
 }
 
 sub metric_sum {
@@ -142,7 +125,7 @@ my $master = $t->master_pid;
 my @workers = $t->worker_pids;
 is(scalar @workers, 2, 'two workers');
 sleep 0.5;
-my %fd_before = map { $_ => fd_count($_) } @workers;
+my %fd_before = map { $_ => SbxTest::fd_count($_) } @workers;
 my $m0 = $t->get('/status')->{content} // '';
 my $restarts0 = metric_sum($m0, qr/sbx_helper_restarts_total\{[^}]*reason="signal"[^}]*\}/);
 
@@ -177,8 +160,9 @@ for my $phase (1, 2) {
     while (time - $t0 < $secs) {
         my $w = $workers[rand @workers];
         my @h = grep { proc_state($_) =~ /^[RSD]$/ } children($w);
-        @h = grep { (slurp("/proc/$_/status") // '') =~ /^Seccomp:\t2$/m } @h
-            if $phase == 1;
+        @h = grep {
+            (SbxTest::slurp("/proc/$_/status") // '') =~ /^Seccomp:\t2$/m
+        } @h if $phase == 1;
         if (@h) {
             my $pid = $h[rand @h];
             if (kill 'KILL', $pid) {
@@ -237,7 +221,7 @@ for my $round (1 .. 3) {
 
 my %fd_after;
 ok($t->wait_for(sub {
-    %fd_after = map { $_ => fd_count($_) } @workers;
+    %fd_after = map { $_ => SbxTest::fd_count($_) } @workers;
     !grep { $fd_after{$_} > $fd_before{$_} + 2 } @workers;
 }, 10), 'no descriptor growth in the workers')
     or diag(join(', ', map { "$_: $fd_before{$_} -> $fd_after{$_}" } @workers));

@@ -21,14 +21,6 @@ use SbxTest;
 use Test::More;
 use Time::HiRes qw(sleep time);
 
-sub fd_count {
-    my ($pid) = @_;
-    opendir my $dh, "/proc/$pid/fd" or return -1;
-    my $n = grep { /^\d+$/ } readdir $dh;
-    closedir $dh;
-    return $n;
-}
-
 sub metric {
     my ($text, $name) = @_;
     return $text =~ /^\Q$name\E\s+(\d+)$/m ? $1 : undef;
@@ -107,7 +99,7 @@ for (1 .. 5) { hget($_, 'warm') for qw(/local /open /closed /tight) }
 my $master = $t->master_pid;
 my @workers = $t->worker_pids;
 sleep 0.3;
-my %fd_before = map { $_ => fd_count($_) } @workers;
+my %fd_before = map { $_ => SbxTest::fd_count($_) } @workers;
 
 my @keys = map { "k$_" } 1 .. 40;
 my $key = sub { { 'X-Key' => $keys[rand @keys] } };
@@ -293,7 +285,7 @@ is_deeply([ $t->worker_pids ], \@workers, 'same workers: none died');
 
 my %fd_after;
 ok($t->wait_for(sub {
-    %fd_after = map { $_ => fd_count($_) } @workers;
+    %fd_after = map { $_ => SbxTest::fd_count($_) } @workers;
     !grep { $fd_after{$_} > $fd_before{$_} + 2 } @workers;
 }, 10), 'no descriptor growth in the workers')
     or diag(join(', ', map { "$_: $fd_before{$_} -> $fd_after{$_}" } @workers));

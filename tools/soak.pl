@@ -51,27 +51,10 @@ $| = 1;
 
 my @fail;
 
-sub slurp {
-    my ($path) = @_;
-    open my $fh, '<', $path or return undef;
-    local $/;
-    my $s = <$fh>;
-    close $fh;
-    return $s;
-}
-
 sub rss_kb {
     my ($pid) = @_;
-    my $st = slurp("/proc/$pid/status") // return 0;
+    my $st = SbxTest::slurp("/proc/$pid/status") // return 0;
     return $st =~ /^VmRSS:\s+(\d+)/m ? $1 : 0;
-}
-
-sub fd_count {
-    my ($pid) = @_;
-    opendir my $dh, "/proc/$pid/fd" or return 0;
-    my $n = grep { /^\d+$/ } readdir $dh;
-    closedir $dh;
-    return $n;
 }
 
 sub mean {
@@ -223,7 +206,7 @@ sub sample {
     # the pools differ in memory= (the helper's third argument): the
     # hostile pool's helpers swing with the memory bombs, the trend is
     # taken on the others
-    my @good = grep { (slurp("/proc/$_/cmdline") // '') =~ /\x00536870912\x00?\z/ } @h;
+    my @good = grep { (SbxTest::slurp("/proc/$_/cmdline") // '') =~ /\x00536870912\x00?\z/ } @h;
     my ($restarts, $decisions) = metrics();
     my $restarts_n = 0;
     $restarts_n += $_ for values %$restarts;
@@ -231,7 +214,7 @@ sub sample {
         t          => time - $t0,
         workers    => join(' ', sort { $a <=> $b } @w),
         worker_rss => mean(map { rss_kb($_) } @w),
-        worker_fds => mean(map { fd_count($_) } @w),
+        worker_fds => mean(grep { $_ >= 0 } map { SbxTest::fd_count($_) } @w),
         helpers    => scalar @h,
         helper_rss => mean(map { rss_kb($_) } @good),
         helper_max => (sort { $b <=> $a } map { rss_kb($_) } @h)[0] // 0,

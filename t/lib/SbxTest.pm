@@ -331,6 +331,26 @@ sub _alive {
     return $1 ne 'Z' && $1 ne 'X';
 }
 
+# The contents of a file (a /proc file, say), or undef when it cannot be
+# read.
+sub slurp {
+    my ($path) = @_;
+    open my $fh, '<', $path or return undef;
+    local $/;
+    my $s = <$fh>;
+    close $fh;
+    return $s;
+}
+
+# How many fds a process has open, -1 when it is gone.
+sub fd_count {
+    my ($pid) = @_;
+    opendir my $dh, "/proc/$pid/fd" or return -1;
+    my $n = grep { /^\d+$/ } readdir $dh;
+    closedir $dh;
+    return $n;
+}
+
 sub _ppid_map {
     my %children;
     opendir my $dh, '/proc' or return {};
