@@ -1,8 +1,9 @@
 SHELL := /bin/bash
 # ngx_sbx_module: build, test, run, bench, install.
 #
-#   make            module (build/ngx_http_sbx_module.so) and helper
-#                   (build/sbx-lua-helper)
+#   make            module (build/ngx_http_sbx_module.so), helper
+#                   (build/sbx-lua-helper) and audit chain verifier
+#                   (build/sbx-audit-verify, run by tools/sbx-audit-verify)
 #   make run        nginx in the foreground on 127.0.0.1:8080 with conf.d/
 #   make test       every test (t/, prove)
 #   make test-asan  every test, module and helper under ASan and UBSan
@@ -17,6 +18,7 @@ BUILD      ?= $(TOP)/build
 NGX_SRC    := /usr/share/nginx/src
 NGX_BUILD  := $(BUILD)/nginx
 MODDIR     ?= /usr/lib/nginx/modules
+SBINDIR    ?= /usr/sbin
 NGINX      ?= /usr/sbin/nginx
 PROVE      ?= prove
 
@@ -38,10 +40,11 @@ DEPS_STAMP := $(BUILD)/.deps-build
 FLAGS_STAMP := $(BUILD)/.flags
 
 .PHONY: all deps deps-test run test bench install clean helper module
+.PHONY: verify
 .PHONY: test-asan fuzz fuzz-build FORCE
 .DELETE_ON_ERROR:
 
-all: module helper
+all: module helper verify
 
 deps: $(DEPS_STAMP)
 
@@ -61,6 +64,8 @@ $(FLAGS_STAMP): FORCE
 
 helper: $(BUILD)/sbx-lua-helper
 
+verify: $(BUILD)/sbx-audit-verify
+
 module: $(BUILD)/ngx_http_sbx_module.so
 
 $(BUILD)/sbx-lua-helper: $(HELPER_SRCS) $(HELPER_HDRS) $(FLAGS_STAMP) \
@@ -68,6 +73,13 @@ $(BUILD)/sbx-lua-helper: $(HELPER_SRCS) $(HELPER_HDRS) $(FLAGS_STAMP) \
 	@mkdir -p $(BUILD)
 	$(CC) $(HELPER_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ \
 	    $(HELPER_SRCS) $(HELPER_LDFLAGS) $(HELPER_LIBS)
+
+$(BUILD)/sbx-audit-verify: tools/sbx_audit_verify.c $(FLAGS_STAMP) \
+                           | $(DEPS_STAMP)
+	@mkdir -p $(BUILD)
+	$(CC) $(HELPER_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ \
+	    tools/sbx_audit_verify.c $(HELPER_LDFLAGS) \
+	    -llua5.4-cjson -llua5.4 -lcrypto -lm
 
 $(NGX_BUILD)/objs/Makefile: config $(FLAGS_STAMP) | $(DEPS_STAMP)
 	rm -rf $(NGX_BUILD)
@@ -100,6 +112,8 @@ install: all
 	install -d $(DESTDIR)$(MODDIR)
 	install -m 644 $(BUILD)/ngx_http_sbx_module.so $(DESTDIR)$(MODDIR)/
 	install -m 755 $(BUILD)/sbx-lua-helper $(DESTDIR)$(MODDIR)/
+	install -d $(DESTDIR)$(SBINDIR)
+	install -m 755 $(BUILD)/sbx-audit-verify $(DESTDIR)$(SBINDIR)/
 
 # make test-asan: the module and the helper built by clang with
 # AddressSanitizer and UndefinedBehaviorSanitizer into $(ASAN_BUILD), and
@@ -149,7 +163,7 @@ test-asan:
 # A crash, a sanitizer report or a failed check fails the target.
 FUZZ_BUILD   ?= $(TOP)/build-fuzz
 FUZZ_TIME    ?= 60
-FUZZ_TARGETS := proto call result params
+FUZZ_TARGETS := proto call result params audit
 FUZZ_CFLAGS  := -O1 -g -fsanitize=fuzzer,address,undefined \
                 -fno-omit-frame-pointer -std=gnu11 -Wall -Wextra -Werror \
                 -Wno-unused-parameter -Wno-missing-field-initializers \
@@ -158,11 +172,18 @@ FUZZ_SRCS    := $(filter-out lua-runtime/sbx_main.c lua-runtime/sbx_run.c, \
                     $(HELPER_SRCS)) \
                 ngx_sbx_module/ngx_http_sbx_gcra.c
 
-$(FUZZ_BUILD)/fuzz-%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_SRCS) \
-                      $(HELPER_HDRS)
+$(FUZZ_BUILD)/fuzz-%: fuzz/fuzz_%.c fuzz/fuzz_common.h fuzz/fuzz_check.h \
+                      $(FUZZ_SRCS) $(HELPER_HDRS)
 	@mkdir -p $(FUZZ_BUILD)
 	clang $(FUZZ_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ $< \
 	    $(FUZZ_SRCS) $(HELPER_LIBS)
+
+# the audit verifier's line parser: its own program, no helper sources
+$(FUZZ_BUILD)/fuzz-audit: fuzz/fuzz_audit.c fuzz/fuzz_check.h \
+                          tools/sbx_audit_verify.c
+	@mkdir -p $(FUZZ_BUILD)
+	clang $(FUZZ_CFLAGS) $$(pkg-config --cflags lua5.4) -o $@ $< \
+	    -llua5.4-cjson -llua5.4 -lcrypto -lm
 
 fuzz-build: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz-%)
 

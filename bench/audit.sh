@@ -139,8 +139,8 @@ if [ "$CHAIN" != none ]; then
         || die "audit line without decision or chain=$CHAIN: $(tail -1 "$AUDIT")"
     [ ! -e "$P/off/audit.log" ] || die "the unaudited nginx wrote an audit log"
     if [ "$CHAIN" = on ] && command -v python3 >/dev/null; then
-        python3 "$ROOT/tools/sbx-audit-verify" "$AUDIT" >/dev/null \
-            || die "tools/sbx-audit-verify: $(python3 "$ROOT/tools/sbx-audit-verify" "$AUDIT")"
+        "$ROOT/tools/sbx-audit-verify" "$AUDIT" >/dev/null \
+            || die "tools/sbx-audit-verify: $("$ROOT/tools/sbx-audit-verify" "$AUDIT")"
     fi
 fi
 

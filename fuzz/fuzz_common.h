@@ -12,18 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_check.h"
 #include "sbx_proto.h"
 #include "sbx_engine.h"
-
-
-#define FUZZ_CHECK(cond)                                                      \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__,  \
-                    #cond);                                                   \
-            abort();                                                          \
-        }                                                                     \
-    } while (0)
 
 
 typedef struct {

@@ -408,6 +408,33 @@ is($after[$before]{prev}, sha256_hex((lines_of($audit))[$before - 1]),
          'a torn last line is reported');
     ($rc, $out) = verify("$p/does-not-exist");
     is($rc, 2, 'missing file: exit 2');
+
+    # hostile lines in place of line 5: refused there, with a reason and
+    # no crash (a 100 000-deep array once made a Python verifier throw)
+    my %hostile = (
+        deep    => '[' x 100000 . ']' x 100000,
+        nan     => '{"x":NaN,"seq":5,"prev":null}',
+        control => qq({"x":"a\tb","seq":5,"prev":null}),
+        latin1  => qq({"x":"\xe9","seq":5,"prev":null}),
+        array   => '[{"seq":5,"prev":null}]',
+        noprev  => '{"seq":5}',
+        seqstr  => '{"seq":"5","prev":null}',
+    );
+    for my $case (sort keys %hostile) {
+        my @x = @l;
+        $x[4] = $hostile{$case};
+        my $f = "$p/hostile-$case.log";
+        $t->write_file($f, join("\n", @x) . "\n");
+        ($rc, $out) = verify($f);
+        is($rc, 1, "hostile line ($case): exit 1");
+        like($out, qr/^BROKEN at line 5: \S/,
+             "hostile line ($case): reported at line 5 with a reason")
+            or diag($out);
+    }
+    ($rc, $out) = verify($p);
+    is($rc, 2, 'a directory: exit 2');
+    ($rc, $out) = $t->run_cmd([ $VERIFY ], timeout => 30);
+    is($rc, 2, 'no file: usage, exit 2');
 }
 
 # --- reload: the chain survives; anonymize -----------------------------------
