@@ -130,7 +130,7 @@ static ngx_int_t
 ngx_http_sbx_check(ngx_conf_t *cf, ngx_http_sbx_main_conf_t *smcf,
     ngx_http_sbx_connector_t *c)
 {
-    int                          in[2], out[2], status, rc;
+    int                          in[2], out[2], status, rc, ok;
     char                        *argv[12], *envp[2];
     char                         caps[128], limits[128];
     u_char                      *p, *end, *line;
@@ -188,8 +188,14 @@ ngx_http_sbx_check(ngx_conf_t *cf, ngx_http_sbx_main_conf_t *smcf,
     envp[0] = "TZ=UTC";
     envp[1] = NULL;
 
-    if (pipe2(in, O_CLOEXEC) != 0) {
-        ngx_log_error(NGX_LOG_EMERG, cf->log, ngx_errno, "pipe2() failed");
+    /*
+     * stdin is a socket, not a pipe: send(MSG_NOSIGNAL) gets EPIPE instead
+     * of a SIGPIPE that would kill "nginx -t" when a broken helper exits
+     * before it has read the script
+     */
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, in) != 0) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, ngx_errno,
+                      "socketpair() failed");
         return NGX_ERROR;
     }
 
@@ -236,7 +242,8 @@ ngx_http_sbx_check(ngx_conf_t *cf, ngx_http_sbx_main_conf_t *smcf,
 
     /* the helper reads all of stdin before it writes anything */
     for (sent = 0; sent < c->source.len; sent += n) {
-        n = write(in[1], c->source.data + sent, c->source.len - sent);
+        n = send(in[1], c->source.data + sent, c->source.len - sent,
+                 MSG_NOSIGNAL);
 
         if (n <= 0) {
             if (n < 0 && ngx_errno == NGX_EINTR) {
@@ -290,12 +297,36 @@ ngx_http_sbx_check(ngx_conf_t *cf, ngx_http_sbx_main_conf_t *smcf,
         buf[--got] = '\0';
     }
 
+    /*
+     * Fail closed: only "SCRIPT: ok, hooks: ..." with exit code 0 passes,
+     * not a helper that exits 0 without checking anything.
+     */
+    ok = got > c->script.len + sizeof(": ok, hooks:") - 1
+         && ngx_strncmp(buf, c->script.data, c->script.len) == 0
+         && ngx_strncmp(buf + c->script.len, ": ok, hooks:",
+                        sizeof(": ok, hooks:") - 1) == 0
+         && ngx_strchr(buf, '\n') == NULL;
+
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-        if (ngx_strstr(buf, " request")) {
+        if (!ok) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "checking script \"%V\" of sbx_connector \"%V\" "
+                          "failed: the helper \"%V\" exited without "
+                          "reporting the check (expected \"%V: ok, "
+                          "hooks: ...\", got \"%*s\") in %s:%ui",
+                          &c->script, &c->name, &smcf->helper_path,
+                          &c->script, ngx_min(got, 200), buf,
+                          c->conf_file, c->script_line);
+            return NGX_ERROR;
+        }
+
+        line = buf + c->script.len + sizeof(": ok, hooks:") - 1;
+
+        if (ngx_strstr(line, " request")) {
             c->hooks |= SBX_HAS_REQUEST;
         }
 
-        if (ngx_strstr(buf, " response")) {
+        if (ngx_strstr(line, " response")) {
             c->hooks |= SBX_HAS_RESPONSE;
         }
 

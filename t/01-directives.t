@@ -257,6 +257,22 @@ my @cases = (
         block  => 1,
     },
     {
+        # fail closed: a helper that says nothing has checked nothing
+        name   => 'a helper that exits 0 without checking the script',
+        helper => "#!/bin/sh\nexit 0\n",
+        script => "return function(req) return {status = 200 end\n",
+        like   => [ qr/exited without reporting the check/ ],
+        block  => 1,
+    },
+    {
+        # it never reads the 70 kB script: nginx -t must not die of SIGPIPE
+        name   => 'a helper that exits at once, before reading the script',
+        helper => "#!/bin/sh\nexit 127\n",
+        script => (' ' x 70000) . "\nreturn function(req) return {} end\n",
+        like   => [ qr/the helper exited with code 127/ ],
+        block  => 1,
+    },
+    {
         name   => 'unknown directive inside a connector block',
         conn   => 'colour blue;',
         like   => [ qr/colour/ ],
@@ -274,6 +290,11 @@ for my $c (@cases) {
         : 'script %%PREFIX%%/c1.lua;';
     my $conn = $c->{conn} // '';
     my $http = $c->{http} // '';
+    if ($c->{helper}) {
+        my $h = $t->write_file('fake-helper', $c->{helper});
+        chmod 0755, $h;
+        $http .= "\nsbx_helper_path $h;";
+    }
     my $loc = $c->{loc} // 'sbx_connector c1;';
     my $extra = $c->{extra} // '';
 
