@@ -565,6 +565,163 @@ sbx_json_instance(lua_State *L)
 
 
 /*
+ * json.encode and json.decode wrap the instance's functions.  lua-cjson's
+ * buffers come from plain malloc, outside the Lua allocator's count, and
+ * it exits the process when malloc fails (SANDBOX-NOTES): a 15 MB string
+ * of control bytes makes a 90 MB encoding in a buffer that doubles as it
+ * grows, enough to reach a pool's address-space limit and kill the helper
+ * (502 sandbox_failure where a memory limit is 500).  So before encoding,
+ * an upper bound of the result is computed from the value (escapes
+ * counted per byte, 32 bytes per number or key that is not a string), and
+ * unless four times that bound fits in what the call may still allocate
+ * (the buffer, its doubling, the realloc copy and the Lua string of the
+ * result), the call trips the memory limit.  The walk stops as soon as
+ * the bound is passed, so a table that refers to itself many times costs
+ * no more than the limit allows.  Decoding needs one scratch buffer of
+ * the text's length: it must fit as well.  Errors name the function.
+ */
+
+#define SBX_JSON_SCALAR  32
+
+
+static size_t
+sbx_json_string_size(const unsigned char *p, size_t len)
+{
+    size_t  n = 2;
+
+    while (len--) {
+        if (*p < 0x20 || *p == 0x7f) {
+            n += 6;                             /* \u001f */
+
+        } else if (*p == '"' || *p == '\\' || *p == '/') {
+            n += 2;
+
+        } else {
+            n++;
+        }
+
+        p++;
+    }
+
+    return n;
+}
+
+
+static int
+sbx_json_size(lua_State *L, int idx, int depth, size_t *size, size_t max)
+{
+    size_t       len;
+    const char  *s;
+
+    switch (lua_type(L, idx)) {
+
+    case LUA_TSTRING:
+        s = lua_tolstring(L, idx, &len);
+        *size += sbx_json_string_size((const unsigned char *) s, len);
+        break;
+
+    case LUA_TTABLE:
+        /* deeper tables are refused by lua-cjson itself */
+        if (depth > SBX_JSON_MAX_DEPTH) {
+            break;
+        }
+
+        luaL_checkstack(L, 3, "json.encode");
+        *size += 2 + SBX_JSON_SCALAR;
+
+        lua_pushnil(L);
+
+        while (lua_next(L, idx) != 0) {
+            /* never lua_tolstring() a number key: it would break next */
+            if (lua_type(L, -2) == LUA_TSTRING) {
+                s = lua_tolstring(L, -2, &len);
+                *size += sbx_json_string_size((const unsigned char *) s, len);
+
+            } else {
+                *size += SBX_JSON_SCALAR;
+            }
+
+            *size += 2;                         /* ':' and ',' */
+
+            if (*size > max
+                || sbx_json_size(L, lua_gettop(L), depth + 1, size, max)
+                   != 0)
+            {
+                lua_pop(L, 2);
+                return -1;
+            }
+
+            lua_pop(L, 1);
+        }
+
+        break;
+
+    default:
+        *size += SBX_JSON_SCALAR;
+    }
+
+    return *size > max ? -1 : 0;
+}
+
+
+static int
+sbx_json_call(lua_State *L, const char *fname)
+{
+    const char  *msg;
+
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+
+    if (lua_pcall(L, lua_gettop(L) - 1, 1, 0) == LUA_OK) {
+        return 1;
+    }
+
+    /* a tripped limit raises its own error */
+    sbx_check_tripped(L);
+
+    msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "failed";
+
+    return luaL_error(L, "%s: %s", fname, msg);
+}
+
+
+static int
+sbx_json_encode(lua_State *L)
+{
+    size_t  size = 0;
+
+    if (lua_gettop(L) != 1) {
+        return luaL_error(L, "json.encode: expected 1 argument");
+    }
+
+    if (sbx_json_size(L, 1, 1, &size, sbx_memory_left(L) / 4) != 0) {
+        sbx_trip_memory(L);
+    }
+
+    return sbx_json_call(L, "json.encode");
+}
+
+
+static int
+sbx_json_decode(lua_State *L)
+{
+    size_t  len;
+
+    if (lua_gettop(L) != 1 || lua_type(L, 1) != LUA_TSTRING) {
+        return luaL_error(L, "json.decode: expected a string");
+    }
+
+    (void) lua_tolstring(L, 1, &len);
+
+    if (len > sbx_memory_left(L)) {
+        sbx_trip_memory(L);
+    }
+
+    return sbx_json_call(L, "json.decode");
+}
+
+
+/*
  * libcrypto sets itself up on first use: pthread_once (a futex wake), the
  * provider tables, and an atexit handler.  None of that may happen under
  * the seccomp filter, so the engine calls this before the sandbox; no
@@ -606,8 +763,10 @@ sbx_caps_open(lua_State *L, uint32_t cap)
 
         lua_createtable(L, 0, 3);
         lua_getfield(L, -2, "encode");
+        lua_pushcclosure(L, sbx_json_encode, 1);
         lua_setfield(L, -2, "encode");
         lua_getfield(L, -2, "decode");
+        lua_pushcclosure(L, sbx_json_decode, 1);
         lua_setfield(L, -2, "decode");
         lua_getfield(L, -2, "null");
         lua_setfield(L, -2, "null");

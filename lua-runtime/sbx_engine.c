@@ -261,6 +261,27 @@ sbx_tripped(lua_State *L)
 }
 
 
+size_t
+sbx_memory_left(lua_State *L)
+{
+    sbx_engine_t  *e = sbx_engine(L);
+
+    if (e->limit == 0) {
+        return SIZE_MAX;
+    }
+
+    return e->used < e->limit ? e->limit - e->used : 0;
+}
+
+
+void
+sbx_trip_memory(lua_State *L)
+{
+    sbx_engine(L)->tripped = SBX_TRIP_MEMORY;
+    sbx_raise_trip(L);
+}
+
+
 /* print() and the log capability */
 
 int

@@ -44,5 +44,14 @@ void sbx_check_tripped(lua_State *L);
 /* the last chance to install a hook that a new thread inherits */
 int sbx_tripped(lua_State *L);
 
+/* bytes the current call may still allocate (SIZE_MAX: no limit) */
+size_t sbx_memory_left(lua_State *L);
+
+/*
+ * records a memory trip and raises it: for native code (lua-cjson) whose
+ * buffers would pass the limit outside the Lua allocator's count
+ */
+void sbx_trip_memory(lua_State *L);
+
 
 #endif /* SBX_LIB_H */

@@ -75,8 +75,38 @@ for my $name (sort keys %scripts) {
 # limit hit that left the helper wedged would show on the next request
 my $locs = join("\n", map { "    location = /$_ { sbx_connector $_; }" }
                       sort keys %scripts);
+# lua-cjson's buffers are malloc'd outside the Lua count: under a pool
+# address-space limit of 128m a 15 MiB string of control bytes (a 90 MiB
+# encoding) once killed the helper (502 sandbox_failure)
+$t->write_file('json_bomb.lua', <<'LUA');
+return function(req)
+  local s = string.rep("\1", 15 * 1024 * 1024)
+  return {status = 200, body = "n" .. #json.encode({s})}
+end
+LUA
+# a table that holds the same table twice at each of 60 levels: 2^60 leaves
+$t->write_file('json_dag.lua', <<'LUA');
+return function(req)
+  local t = {}
+  local c = t
+  for i = 1, 60 do local n = {}; c[1] = n; c[2] = n; c = n end
+  return {status = 200, body = json.encode(t)}
+end
+LUA
+for my $name (qw(json_bomb json_dag)) {
+    $conf .= "sbx_connector $name {\n"
+           . "    script %%PREFIX%%/$name.lua;\n"
+           . "    capabilities json;\n"
+           . "    limits memory=32m timeout=5s;\n"
+           . "    pool small;\n"
+           . "}\n";
+}
+$locs .= "\n    location = /json_bomb { sbx_connector json_bomb; }"
+       . "\n    location = /json_dag { sbx_connector json_dag; }";
+
 $t->conf(<<"EOF");
 sbx_pool one size=1 queue=16;
+sbx_pool small size=1 queue=16 memory=128m;
 $conf
 server {
     listen 127.0.0.1:%%PORT%%;
@@ -134,6 +164,17 @@ for my $name (qw(memory pcall_memory concat_memory table_memory)) {
     fast_ok($name);
 }
 
+# --- lua-cjson under a pool's address-space limit -----------------------------
+
+for my $name (qw(json_bomb json_dag)) {
+    ($r, $took) = timed_get("/$name");
+    $t->error_ok($r, 500, 'transform_error',
+                 "$name: memory limit → 500, not a dead helper");
+    cmp_ok($took, '<', 5, "$name: answered before the timeout");
+}
+unlike($t->error_log, qr/killed by|exited with/,
+       'no helper died of the json bombs');
+
 # --- capped C calls ---------------------------------------------------------
 
 ($r, $took) = timed_get('/rep_huge');
@@ -168,11 +209,14 @@ $t->error_ok($r, 504, 'transform_timeout', 'backtracking find → 504');
 cmp_ok($took, '<', 2, sprintf('504 within 2s (took %.2fs)', $took));
 cmp_ok($took, '>=', 0.15, 'not before the 200ms timeout');
 fast_ok('a timeout');
-ok($t->wait_for(sub { $t->helper_pids == 1 }, 5),
-   'pool back to one helper after the timeout kill');
+# one helper in pool one, one in pool small
+ok($t->wait_for(sub { $t->helper_pids == @before }, 5),
+   'pools back to full size after the timeout kill');
 my @after = $t->helper_pids;
-isnt("@after", "@before", 'the timed-out helper was replaced (new pid)');
-ok(!grep({ SbxTest->alive($_) } @before), 'the timed-out helper is gone');
+my %now = map { $_ => 1 } @after;
+my @gone = grep { !$now{$_} } @before;
+is(scalar @gone, 1, 'the timed-out helper was replaced (new pid)');
+ok(!grep({ SbxTest->alive($_) } @gone), 'the timed-out helper is gone');
 
 # twice in a row, then fine again
 for (1 .. 2) {

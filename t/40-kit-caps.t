@@ -431,6 +431,14 @@ like($out, qr/^\Q$nolog\E:1: .*"log" capability/m,
     t[#t + 1] = "func=" .. tostring(ok)
     ok, e = pcall(json.encode, 0/0)
     t[#t + 1] = "nan=" .. tostring(ok)
+    ok, e = pcall(json.decode, "{bad")
+    t[#t + 1] = "baderr=" .. tostring(e)
+    ok, e = pcall(json.encode, {f = print})
+    t[#t + 1] = "funcerr=" .. tostring(e)
+    ok, e = pcall(json.decode, 5)
+    t[#t + 1] = "number=" .. tostring(ok) .. " " .. tostring(e)
+    ok, e = pcall(json.encode)
+    t[#t + 1] = "noarg=" .. tostring(ok) .. " " .. tostring(e)
     local keys = {}
     for k in pairs(json) do keys[#keys + 1] = k end
     table.sort(keys)
@@ -451,6 +459,14 @@ like($h->{deep} // '', qr/^false .*(?:depth|nest)/i,
      'json.decode: nesting is capped');
 is($h->{func}, 'false', 'json.encode of a function raises');
 is($h->{nan}, 'false', 'json.encode of NaN raises');
+like($h->{baderr} // '', qr/^json\.decode: /,
+     'a json.decode error names the function');
+like($h->{funcerr} // '', qr/^json\.encode: .*function/,
+     'a json.encode error names the function');
+is($h->{number}, 'false json.decode: expected a string',
+   'json.decode of a number raises (no silent conversion)');
+is($h->{noarg}, 'false json.encode: expected 1 argument',
+   'json.encode without an argument raises');
 is($h->{keys}, 'decode,encode,null', 'json has only encode, decode, null');
 
 done_testing;
