@@ -1129,10 +1129,19 @@ sbx_host_owned(const uint8_t *p, size_t len)
 }
 
 
+/*
+ * A number becomes its decimal text, pushed as a new string (never change
+ * a value under lua_next): integers and floats with an integer value
+ * exactly (2^53 is "9007199254740992", not "9.007199254741e+15"), other
+ * floats as tostring() writes them; NaN and infinities are refused.
+ */
+
 static int
 sbx_read_header_value(lua_State *L, int idx, sbx_str_t *v)
 {
     size_t       len;
+    lua_Number   d;
+    lua_Integer  i;
     const char  *s;
 
     switch (lua_type(L, idx)) {
@@ -1141,8 +1150,24 @@ sbx_read_header_value(lua_State *L, int idx, sbx_str_t *v)
         break;
 
     case LUA_TNUMBER:
-        /* convert a copy: never change a value under lua_next */
-        lua_pushvalue(L, idx);
+        if (lua_isinteger(L, idx)) {
+            lua_pushvalue(L, idx);
+
+        } else {
+            d = lua_tonumber(L, idx);
+
+            if (d != d || d - d != 0) {
+                return -1;
+            }
+
+            if (lua_numbertointeger(d, &i) && (lua_Number) i == d) {
+                lua_pushinteger(L, i);
+
+            } else {
+                lua_pushvalue(L, idx);
+            }
+        }
+
         s = lua_tolstring(L, -1, &len);
         break;
 
@@ -1156,6 +1181,35 @@ sbx_read_header_value(lua_State *L, int idx, sbx_str_t *v)
 
     v->data = (const uint8_t *) s;
     v->len = len;
+
+    return 0;
+}
+
+
+/*
+ * The table on the top holds exactly the keys 1..n: nothing of a map or a
+ * sparse array may be dropped without a word.
+ */
+
+static int
+sbx_is_sequence(lua_State *L, lua_Integer n)
+{
+    lua_Integer  keys = 0;
+
+    if (!lua_checkstack(L, 2)) {
+        return -1;
+    }
+
+    lua_pushnil(L);
+
+    while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+
+        if (++keys > n || !lua_isinteger(L, -1)) {
+            lua_pop(L, 1);
+            return -1;
+        }
+    }
 
     return 0;
 }
@@ -1211,6 +1265,12 @@ sbx_read_headers(lua_State *L, int idx, sbx_out_headers_t *out, char *err,
             }
 
             n = (lua_Integer) lua_rawlen(L, -1);
+
+            if (sbx_is_sequence(L, n) != 0) {
+                return sbx_bad(err, errlen, "header \"%s\": value must be "
+                               "a string, a number or an array of them",
+                               name);
+            }
 
             for (i = 1; i <= n; i++) {
                 if (out->n >= SBX_MAX_HEADERS) {

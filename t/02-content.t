@@ -89,6 +89,25 @@ local cases = {
   value_nul     = function()
     return { status = 200, headers = { ["x-ok"] = "a\0b" }, body = "x" }
   end,
+  value_map     = function()
+    return { status = 200, headers = { ["x-ok"] = { a = { b = 1 } } },
+             body = "x" }
+  end,
+  value_sparse  = function()
+    return { status = 200, headers = { ["x-ok"] = { [1] = "a", [3] = "c" } },
+             body = "x" }
+  end,
+  value_nan     = function()
+    return { status = 200, headers = { ["x-ok"] = 0/0 }, body = "x" }
+  end,
+  value_inf     = function()
+    return { status = 200, headers = { ["x-ok"] = { "a", 1/0 } }, body = "x" }
+  end,
+  value_numbers = function()
+    return { status = 200, body = "numbers",
+             headers = { ["x-big"] = 2^53, ["x-float"] = 1.5, ["x-int"] = 42,
+                         ["x-list"] = { "a", 2.0 } } }
+  end,
   not_table     = function() return "hello" end,
   number        = function() return 42 end,
   nothing       = function() return nil end,
@@ -221,13 +240,24 @@ is(length($e->{body} // ''), 200_000, 'req.body of 200 kB arrives whole');
 for my $case (qw(string_status fractional status_99 status_100 status_101
                  status_600 status_nan
                  header_space header_colon header_empty value_crlf value_lf
-                 value_cr value_nul not_table number nothing body_table
+                 value_cr value_nul value_map value_sparse value_nan
+                 value_inf not_table number nothing body_table
                  with_metatable)) {
     $r = $t->get("/bad?case=$case");
     $t->error_ok($r, 500, 'transform_error', "invalid return '$case' → 500");
     ok(!exists $r->{headers}{'set-cookie'}, "$case: no injected header")
         if $case eq 'value_crlf';
 }
+
+$r = $t->get('/bad?case=value_numbers');
+is($r->{status}, 200, 'numbers as header values: 200');
+is($r->{headers}{'x-big'}, '9007199254740992',
+   'a float with an integer value is sent as that integer');
+is($r->{headers}{'x-float'}, '1.5', 'a float is sent as tostring() writes it');
+is($r->{headers}{'x-int'}, '42', 'an integer is sent as is');
+my $list = $r->{headers}{'x-list'};
+is(join(',', ref $list ? @$list : $list), 'a,2',
+   'an array gives one field line each');
 
 $r = $t->get('/bad?case=ok');
 is($r->{status}, 200, 'same connector still answers after invalid returns');
