@@ -120,7 +120,7 @@ ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
 
     code = (ngx_str_t *) &ngx_http_sbx_error_codes[decision];
 
-    len = sizeof("{\"error\":\"\",\"request_id\":\"\"}\n") - 1
+    len = sizeof("{\"error\":\"\",\"request_id\":\"\"}") - 1
           + code->len + id.len;
 
     b = ngx_create_temp_buf(r->pool, len);
@@ -131,7 +131,7 @@ ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
     b->last = ngx_sprintf(b->last, "{\"error\":\"%V\",\"request_id\":\"",
                           code);
     b->last = ngx_cpymem(b->last, id.data, id.len);
-    b->last = ngx_cpymem(b->last, "\"}\n", 3);
+    b->last = ngx_cpymem(b->last, "\"}", 2);
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 

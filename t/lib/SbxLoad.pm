@@ -148,7 +148,7 @@ sub judge {
         my $ct = _header($r, 'content-type') // '';
         return "status $st with content-type '$ct'"
             unless $ct =~ m{^application/json\b}i;
-        my ($code) = $body =~ /\A\{"error":"([a-z_]+)","request_id":"[^"\\\s]+"\}\n?\z/;
+        my ($code) = $body =~ /\A\{"error":"([a-z_]+)","request_id":"[^"\\\s]+"\}\z/;
         return "status $st with body '" . substr($body, 0, 200) . "'"
             unless defined $code;
         return "status $st with error code '$code', expected (@$codes)"

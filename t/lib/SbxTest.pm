@@ -729,7 +729,7 @@ sub error_ok {
     push @why, "content-type '$ct'" unless $ct =~ m{^application/json\b}i;
     my $body = $r->{content} // '';
     my $id;
-    if ($body =~ /\A\{"error":"\Q$code\E","request_id":"([^"\\\s]+)"\}\n?\z/) {
+    if ($body =~ /\A\{"error":"\Q$code\E","request_id":"([^"\\\s]+)"\}\z/) {
         $id = $1;
     } else {
         push @why, "body '" . substr($body, 0, 300) . "'";
