@@ -183,6 +183,12 @@ ngx_int_t ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
 void ngx_http_sbx_set_decision(ngx_http_request_t *r,
     ngx_http_sbx_decision_e decision);
 
+/*
+ * Adds the location's RateLimit-Policy to an answer decided before its
+ * rate limits were checked (ngx_http_sbx_ratelimit.c); a no-op otherwise.
+ */
+ngx_int_t ngx_http_sbx_rl_policy_header(ngx_http_request_t *r);
+
 /* $request_id of the main request (stable for the whole request) */
 void ngx_http_sbx_request_id(ngx_http_request_t *r, ngx_str_t *id);
 

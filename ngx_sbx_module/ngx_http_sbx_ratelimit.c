@@ -221,6 +221,7 @@ static const char  ngx_http_sbx_rl_script[] =
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
     "local out = {1}\n"
     "local tats = {}\n"
+    "local olds = {}\n"
     "for i = 1, #KEYS do\n"
     "  local interval = tonumber(ARGV[3 * i - 2])\n"
     "  local dvt = tonumber(ARGV[3 * i - 1])\n"
@@ -235,6 +236,7 @@ static const char  ngx_http_sbx_rl_script[] =
     "    out[j + 2] = tat - now; out[j + 3] = at - now\n"
     "  else\n"
     "    tats[i] = new\n"
+    "    olds[i] = tat\n"
     "    out[j] = 1\n"
     "    out[j + 1] = math.floor((now + dvt - new) / interval)\n"
     "    out[j + 2] = new - now; out[j + 3] = 0\n"
@@ -244,6 +246,13 @@ static const char  ngx_http_sbx_rl_script[] =
     "  for i, v in pairs(tats) do\n"
     "    redis.call('SET', KEYS[i], string.format('%d', v), 'PX',\n"
     "               math.ceil((v - now) / 1000) + 1)\n"
+    "  end\n"
+    "else\n"
+    "  for i, v in pairs(olds) do\n"
+    "    local j = 4 * i - 2\n"
+    "    out[j + 1] = math.floor((now + tonumber(ARGV[3 * i - 1]) - v)\n"
+    "                            / tonumber(ARGV[3 * i - 2]))\n"
+    "    out[j + 2] = v - now\n"
     "  end\n"
     "end\n"
     "return out\n";
@@ -690,6 +699,46 @@ ngx_http_sbx_rl_headers(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
     }
 
     h->value.len = p - h->value.data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * An answer decided before the limits were checked (451 residency_denied,
+ * 410 connector_retired) still carries the location's RateLimit-Policy:
+ * the quota applies to the route even if this request did not count.
+ * RateLimit needs a count, which would cost a Redis call a denied request
+ * must not cost: it is left out.
+ */
+
+ngx_int_t
+ngx_http_sbx_rl_policy_header(ngx_http_request_t *r)
+{
+    ngx_table_elt_t             *h;
+    ngx_http_sbx_rl_ctx_t       *ctx;
+    ngx_http_sbx_rl_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_sbx_ratelimit_module);
+
+    if (rlcf == NULL || rlcf->limits == NULL) {
+        return NGX_OK;
+    }
+
+    ctx = ngx_http_sbx_rl_get_ctx(r);
+
+    if (ctx && ctx->headers_sent) {
+        return NGX_OK;
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "RateLimit-Policy");
+    h->value = rlcf->policy;
 
     return NGX_OK;
 }
@@ -1209,12 +1258,21 @@ ngx_http_sbx_rl_local(ngx_http_sbx_rl_ctx_t *ctx,
         }
     }
 
-    if (pass) {
-        for (i = 0; i < ctx->nlimits; i++) {
-            if (nodes[i] && ctx->results[i].allowed) {
-                nodes[i]->tat = now + ctx->results[i].reset;
-            }
+    for (i = 0; i < ctx->nlimits; i++) {
+        res = &ctx->results[i];
+
+        if (nodes[i] == NULL || !res->allowed) {
+            continue;
         }
+
+        if (pass) {
+            nodes[i]->tat = now + res->reset;
+            continue;
+        }
+
+        /* another limit denied: nothing was counted, say so */
+        res->reset = ngx_max(nodes[i]->tat, now) - now;
+        res->remaining = (limit[i].dvt - res->reset) / limit[i].interval;
     }
 
     ngx_shmtx_unlock(&z->shpool->mutex);

@@ -135,6 +135,10 @@ ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 
+    if (ngx_http_sbx_rl_policy_header(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     if (retry_after > 0) {
         h = ngx_list_push(&r->headers_out.headers);
         if (h == NULL) {

@@ -23,6 +23,7 @@ $t->write_file('hello.lua',
 
 $t->conf(<<'EOF');
 sbx_connector hello { script %%PREFIX%%/hello.lua; }
+sbx_connector gone { script %%PREFIX%%/hello.lua; state retired; }
 server {
     listen 127.0.0.1:%%PORT%%;
     root %%PREFIX%%/html;
@@ -56,6 +57,12 @@ server {
     location /hello {
         sbx_connector hello;
         sbx_rate_limit key=$http_x_key rate=1r/h burst=2 name=conn;
+    }
+
+    # answered 410 before the limit is checked
+    location /gone {
+        sbx_connector gone;
+        sbx_rate_limit key=$http_x_key rate=1r/h burst=2 name=gone;
     }
 }
 EOF
@@ -114,6 +121,10 @@ sub hdr {
        '"per_key";q=5;w=30, "per_tenant";q=2;w=20', 'both policies listed');
     is(hdr($r[0], 'RateLimit'), '"per_key";r=4;t=6, "per_tenant";r=1;t=10',
        'one RateLimit item per limit');
+    # the 429 counted nothing: m3's key limit is reported untouched
+    like(hdr($r[2], 'RateLimit') // '', qr/^"per_key";r=5;t=0, "per_tenant";r=0;/,
+         'on a 429 a limit that passed reports its budget without this '
+         . 'request');
 
     # a denied request consumed no key budget: m1 still has 4 of 5 left
     my $k = hget('/multi/', 'X-Key' => 'm1', 'X-Tenant' => 't2');
@@ -163,6 +174,18 @@ sub hdr {
     is($r[0]{content}, 'hello', 'connector answered');
     $t->error_ok($r[2], 429, 'rate_limited', 'connector route 429 body');
     like(hdr($r[2], 'Retry-After') // '', qr/^\d+$/, 'Retry-After');
+}
+
+# a retired connector answers before the limit: the route's policy is
+# there, RateLimit (a count) is not, and nothing was counted
+{
+    my @r = map { hget('/gone', 'X-Key' => 'g') } 1 .. 3;
+    is_deeply([map { $_->{status} } @r], [410, 410, 410],
+              'retired connector: 410, never 429');
+    $t->error_ok($r[2], 410, 'connector_retired', 'retired: 410 body');
+    is(hdr($r[2], 'RateLimit-Policy'), '"gone";q=2;w=7200',
+       'retired: the 410 carries the route\'s RateLimit-Policy');
+    ok(!defined hdr($r[2], 'RateLimit'), 'retired: no RateLimit (no count)');
 }
 
 $t->check_error_log;

@@ -116,6 +116,9 @@ sub statuses { return [map { $_->{status} } @_] }
          'one item per limit');
     is($t->redis_cli('EXISTS', 't31:per_key:m3'), '0',
        'denied request stored nothing (atomic all-or-nothing)');
+    like(hdr($r[2], 'RateLimit') // '',
+         qr/^"per_key";r=5;t=0, "per_tenant";r=0;t=\d+$/,
+         'the 429 reports the key limit untouched (nothing was counted)');
     my @e = map { hget($t, '/multi', 'X-Key' => 'solo') } 1 .. 6;
     is_deeply(statuses(@e), [200, 200, 200, 200, 200, 429],
               'empty key skips its limit');
