@@ -425,6 +425,11 @@ sbx_parse_size(const char *s, uint64_t *v)
 }
 
 
+/*
+ * The same bounds as the "limits" directive in nginx.conf: memory at
+ * least 256k, instructions at least 1000, timeout from 1ms to 60s.
+ */
+
 int
 sbx_parse_limits(const char *list, sbx_script_t *s, char *err, size_t errlen)
 {
@@ -441,14 +446,14 @@ sbx_parse_limits(const char *list, sbx_script_t *s, char *err, size_t errlen)
          tok = strtok_r(NULL, ",", &save))
     {
         if (strncmp(tok, "memory=", 7) == 0) {
-            if (sbx_parse_size(tok + 7, &v) != 0 || v == 0) {
+            if (sbx_parse_size(tok + 7, &v) != 0 || v < 256 * 1024) {
                 goto invalid;
             }
 
             s->memory = v;
 
         } else if (strncmp(tok, "instructions=", 13) == 0) {
-            if (sbx_parse_size(tok + 13, &v) != 0 || v == 0) {
+            if (sbx_parse_size(tok + 13, &v) != 0 || v < 1000) {
                 goto invalid;
             }
 
@@ -467,6 +472,10 @@ sbx_parse_limits(const char *list, sbx_script_t *s, char *err, size_t errlen)
                 goto invalid;
             }
 
+            if (ms < 1 || ms > 60000) {
+                goto invalid;
+            }
+
             s->timeout_ms = (uint32_t) ms;
 
         } else {
@@ -479,8 +488,9 @@ sbx_parse_limits(const char *list, sbx_script_t *s, char *err, size_t errlen)
 
 invalid:
 
-    snprintf(err, errlen, "invalid limit \"%s\" (expected memory=SIZE, "
-             "instructions=N or timeout=TIME)", tok);
+    snprintf(err, errlen, "invalid limit \"%s\" (expected memory=SIZE of "
+             "at least 256k, instructions=N of at least 1000 or timeout=TIME "
+             "from 1ms to 60s, as in nginx.conf)", tok);
     free(copy);
     return -1;
 }

@@ -461,7 +461,8 @@ ngx_http_sbx_init_main_conf(ngx_conf_t *cf, void *conf)
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "unknown pool \"%V\" in \"pool\" of sbx_connector "
                           "\"%V\" in %s:%ui", &c->pool_name, &c->name,
-                          c->conf_file, c->conf_line);
+                          c->conf_file,
+                          c->pool_line ? c->pool_line : c->conf_line);
             return NGX_CONF_ERROR;
         }
 
@@ -471,7 +472,8 @@ ngx_http_sbx_init_main_conf(ngx_conf_t *cf, void *conf)
                           "must be at most half of the memory of pool "
                           "\"%V\" (%uzm) in %s:%ui", c->memory >> 20,
                           &c->name, &pool->name, pool->memory >> 20,
-                          c->conf_file, c->conf_line);
+                          c->conf_file,
+                          c->limits_line ? c->limits_line : c->conf_line);
             return NGX_CONF_ERROR;
         }
 
@@ -744,6 +746,105 @@ ngx_http_sbx_param_num(ngx_str_t *v, size_t skip, ngx_uint_t min,
 }
 
 
+/*
+ * ngx_conf_set_enum_slot() that names the directive and lists the values:
+ * "invalid value "maybe" in "sbx_residency_unknown" (expected allow or
+ * deny)" instead of nginx's bare "invalid value "maybe"".
+ */
+
+char *
+ngx_http_sbx_conf_set_enum(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    u_char           *p, *last, buf[256];
+    ngx_str_t        *value;
+    ngx_uint_t        i, *np;
+    ngx_conf_enum_t  *e;
+
+    np = (ngx_uint_t *) ((char *) conf + cmd->offset);
+
+    if (*np != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    e = cmd->post;
+
+    for (i = 0; e[i].name.len; i++) {
+        if (e[i].name.len == value[1].len
+            && ngx_strcmp(e[i].name.data, value[1].data) == 0)
+        {
+            *np = e[i].value;
+            return NGX_CONF_OK;
+        }
+    }
+
+    p = buf;
+    last = buf + sizeof(buf);
+
+    for (i = 0; e[i].name.len; i++) {
+        p = ngx_slprintf(p, last, "%s%V", i == 0 ? ""
+                         : e[i + 1].name.len ? ", " : " or ", &e[i].name);
+    }
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\" in \"%V\" (expected %*s)",
+                       &value[1], &cmd->name, p - buf, buf);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/* connector and pool names: 1 to 64 of A-Z a-z 0-9 _ - . */
+
+static ngx_int_t
+ngx_http_sbx_name_ok(ngx_str_t *name)
+{
+    ngx_uint_t  i;
+
+    if (name->len == 0 || name->len > 64) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < name->len; i++) {
+        if (!(isalnum(name->data[i]) || name->data[i] == '_'
+              || name->data[i] == '-' || name->data[i] == '.'))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A parameter given twice ("size=1 size=2") is an error, not a silent
+ * "last one wins": *seen collects the bit of each one met so far.
+ */
+
+static ngx_int_t
+ngx_http_sbx_param_once(ngx_conf_t *cf, const char *directive,
+    ngx_str_t *param, ngx_uint_t bit, ngx_uint_t *seen)
+{
+    u_char  *eq;
+
+    if (*seen & bit) {
+        eq = ngx_strlchr(param->data, param->data + param->len, '=');
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate \"%*s\" in \"%s\" (each parameter "
+                           "may be given once)",
+                           eq ? (size_t) (eq - param->data) + 1 : param->len,
+                           param->data, directive);
+        return NGX_ERROR;
+    }
+
+    *seen |= bit;
+
+    return NGX_OK;
+}
+
+
 static char *
 ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
@@ -751,10 +852,26 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ssize_t               size;
     ngx_str_t            *value, s;
-    ngx_uint_t            i, have_size = 0;
+    ngx_uint_t            i, have_size = 0, seen = 0;
     ngx_http_sbx_pool_t  *pool;
 
     value = cf->args->elts;
+
+    if (ngx_strlchr(value[1].data, value[1].data + value[1].len, '=')) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"sbx_pool\" needs a name before its "
+                           "parameters (expected \"sbx_pool NAME size=N "
+                           "...\")");
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_sbx_name_ok(&value[1]) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid \"sbx_pool\" name \"%V\" (expected 1 to "
+                           "64 letters, digits, \"_\", \"-\" and \".\")",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
 
     if (ngx_http_sbx_find_pool(smcf, &value[1]) != NULL) {
         return "is duplicate";
@@ -771,6 +888,12 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     for (i = 2; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "size=", 5) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 1, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             if (ngx_http_sbx_param_num(&value[i], 5, 1,
                                        NGX_HTTP_SBX_MAX_POOL_SIZE,
                                        &pool->size) != NGX_OK)
@@ -787,12 +910,18 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "queue=", 6) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 2, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             if (ngx_http_sbx_param_num(&value[i], 6, 0, 1000000,
                                        &pool->queue_max) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"sbx_pool\" queue \"%V\"",
-                                   &value[i]);
+                                   "invalid \"sbx_pool\" queue \"%V\" "
+                                   "(expected 0 to 1000000)", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -800,6 +929,12 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "pipeline=", 9) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 4, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             if (ngx_http_sbx_param_num(&value[i], 9, 1,
                                        NGX_HTTP_SBX_MAX_PIPELINE,
                                        &pool->pipeline) != NGX_OK)
@@ -815,12 +950,19 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "max_requests=", 13) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 8, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             if (ngx_http_sbx_param_num(&value[i], 13, 0, NGX_MAX_INT_T_VALUE,
                                        &pool->max_requests) != NGX_OK)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid \"sbx_pool\" max_requests "
-                                   "\"%V\"", &value[i]);
+                                   "\"%V\" (expected a number, 0 for no "
+                                   "limit)", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -828,6 +970,12 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "memory=", 7) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 16, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             s.data = value[i].data + 7;
             s.len = value[i].len - 7;
 
@@ -836,8 +984,8 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             if (size == NGX_ERROR || size < 64 * 1024 * 1024) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid \"sbx_pool\" memory \"%V\" "
-                                   "(expected a size "
-                                   "of at least 64m)", &value[i]);
+                                   "(expected a size of at least 64m, "
+                                   "in k or m)", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -846,7 +994,9 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid \"sbx_pool\" parameter \"%V\"", &value[i]);
+                           "invalid \"sbx_pool\" parameter \"%V\" (expected "
+                           "size=, queue=, pipeline=, max_requests= or "
+                           "memory=)", &value[i]);
         return NGX_CONF_ERROR;
     }
 
@@ -888,16 +1038,12 @@ ngx_http_sbx_connector_block(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    for (i = 0; i < value[1].len; i++) {
-        if (!(isalnum(value[1].data[i]) || value[1].data[i] == '_'
-              || value[1].data[i] == '-' || value[1].data[i] == '.'))
-        {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid connector name \"%V\" (letters, "
-                               "digits, \"_\", \"-\" and \".\" only)",
-                               &value[1]);
-            return NGX_CONF_ERROR;
-        }
+    if (ngx_http_sbx_name_ok(&value[1]) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid connector name \"%V\" (expected 1 to "
+                           "64 letters, digits, \"_\", \"-\" and \".\")",
+                           &value[1]);
+        return NGX_CONF_ERROR;
     }
 
     c = ngx_pcalloc(cf->pool, sizeof(ngx_http_sbx_connector_t));
@@ -978,7 +1124,7 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
     ssize_t      size;
     ngx_int_t    n;
     ngx_str_t   *value, s;
-    ngx_uint_t   i;
+    ngx_uint_t   i, seen = 0;
     ngx_msec_t   ms;
 
     value = cf->args->elts;
@@ -990,6 +1136,12 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
     for (i = 1; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "memory=", 7) == 0) {
+            if (ngx_http_sbx_param_once(cf, "limits", &value[i], 1, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             s.data = value[i].data + 7;
             s.len = value[i].len - 7;
             size = ngx_parse_size(&s);
@@ -997,8 +1149,8 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
             if (size == NGX_ERROR || size < 256 * 1024) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid \"limits\" memory \"%V\" "
-                                   "(expected a size "
-                                   "of at least 256k)", &value[i]);
+                                   "(expected a size of at least 256k, "
+                                   "in k or m)", &value[i]);
                 return NGX_CONF_ERROR;
             }
 
@@ -1007,6 +1159,12 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         }
 
         if (ngx_strncmp(value[i].data, "instructions=", 13) == 0) {
+            if (ngx_http_sbx_param_once(cf, "limits", &value[i], 2, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             n = ngx_atoi(value[i].data + 13, value[i].len - 13);
 
             if (n == NGX_ERROR || n < 1000) {
@@ -1022,6 +1180,12 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         }
 
         if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
+            if (ngx_http_sbx_param_once(cf, "limits", &value[i], 4, &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             s.data = value[i].data + 8;
             s.len = value[i].len - 8;
             ms = ngx_parse_time(&s, 0);
@@ -1039,7 +1203,8 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid \"limits\" parameter \"%V\"", &value[i]);
+                           "invalid \"limits\" parameter \"%V\" (expected "
+                           "memory=, instructions= or timeout=)", &value[i]);
         return NGX_CONF_ERROR;
     }
 
@@ -1068,6 +1233,11 @@ ngx_http_sbx_set_capabilities(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
 
     if (c->cap_names) {
         return "is duplicate";
+    }
+
+    if (cf->args->nelts < 2) {
+        return "needs at least one name (expected json, base64, hex, "
+               "sha256, hmac or log)";
     }
 
     value = cf->args->elts;
@@ -1130,29 +1300,52 @@ ngx_http_sbx_timegm(ngx_int_t y, ngx_int_t m, ngx_int_t d)
 }
 
 
-/* an HTTP-date, or YYYY-MM-DD (midnight UTC); NGX_ERROR if neither */
+/* an HTTP-date (IMF-fixdate), or YYYY-MM-DD (midnight UTC); else NGX_ERROR */
 
 static time_t
 ngx_http_sbx_parse_date(ngx_str_t *v)
 {
+    u_char     buf[sizeof("Mon, 28 Sep 1970 06:00:00 GMT")];
     time_t     t;
+    ngx_tm_t   tm;
     ngx_int_t  y, mo, d;
 
-    t = ngx_parse_http_time(v->data, v->len);
+    /*
+     * A date that does not exist (2027-02-30) or a wrong weekday is a
+     * mistake, not a date to shift: each form must come back unchanged
+     * when the time is written out again.
+     */
 
-    if (t == NGX_ERROR && v->len == 10 && v->data[4] == '-'
-        && v->data[7] == '-')
-    {
+    if (v->len == 10 && v->data[4] == '-' && v->data[7] == '-') {
         y = ngx_atoi(v->data, 4);
         mo = ngx_atoi(v->data + 5, 2);
         d = ngx_atoi(v->data + 8, 2);
 
-        if (y >= 1970 && mo >= 1 && mo <= 12 && d >= 1 && d <= 31) {
-            t = ngx_http_sbx_timegm(y, mo, d);
+        if (y < 1970 || y > 9999 || mo < 1 || mo > 12 || d < 1 || d > 31) {
+            return NGX_ERROR;
         }
+
+        t = ngx_http_sbx_timegm(y, mo, d);
+        ngx_gmtime(t, &tm);
+
+        if (tm.ngx_tm_year != y || tm.ngx_tm_mon != mo
+            || tm.ngx_tm_mday != d)
+        {
+            return NGX_ERROR;
+        }
+
+        return t;
     }
 
-    return t;
+    t = ngx_parse_http_time(v->data, v->len);
+
+    if (t == NGX_ERROR || v->len != sizeof(buf) - 1) {
+        return NGX_ERROR;
+    }
+
+    (void) ngx_http_time(buf, t);
+
+    return ngx_strncmp(buf, v->data, v->len) == 0 ? t : NGX_ERROR;
 }
 
 
@@ -1272,6 +1465,7 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
     }
 
     if (ngx_http_sbx_is("limits")) {
+        c->limits_line = cf->conf_file->line;
         rv = ngx_http_sbx_set_limits(cf, c);
         goto done;
     }
@@ -1281,10 +1475,19 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
         goto done;
     }
 
+    if (!(ngx_http_sbx_is("script") || ngx_http_sbx_is("sha256")
+          || ngx_http_sbx_is("version") || ngx_http_sbx_is("owner")
+          || ngx_http_sbx_is("description") || ngx_http_sbx_is("pool")
+          || ngx_http_sbx_is("sunset")))
+    {
+        goto unknown;
+    }
+
     if (cf->args->nelts != 2) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid number of arguments in \"%V\" directive",
-                           &value[0]);
+                           "invalid number of arguments in \"%V\" in "
+                           "sbx_connector block (expected \"%V VALUE;\")",
+                           &value[0], &value[0]);
         return NGX_CONF_ERROR;
     }
 
@@ -1314,6 +1517,7 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
             value[1].data[i] = ngx_tolower(value[1].data[i]);
         }
 
+        c->sha256_line = cf->conf_file->line;
         rv = ngx_http_sbx_set_text(cf, &c->pinned, &value[1]);
         goto done;
     }
@@ -1334,6 +1538,7 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
     }
 
     if (ngx_http_sbx_is("pool")) {
+        c->pool_line = cf->conf_file->line;
         rv = ngx_http_sbx_set_text(cf, &c->pool_name, &value[1]);
         goto done;
     }
@@ -1344,6 +1549,8 @@ ngx_http_sbx_connector_body(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
     }
 
 #undef ngx_http_sbx_is
+
+unknown:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "unknown directive \"%V\" in sbx_connector block "

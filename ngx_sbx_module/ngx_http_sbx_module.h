@@ -103,6 +103,9 @@ struct ngx_http_sbx_connector_s {
     u_char                       *conf_file;
     ngx_uint_t                    conf_line;
     ngx_uint_t                    script_line;
+    ngx_uint_t                    sha256_line;    /* 0: not given */
+    ngx_uint_t                    pool_line;
+    ngx_uint_t                    limits_line;
 };
 
 
@@ -182,6 +185,10 @@ ngx_int_t ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
 
 void ngx_http_sbx_set_decision(ngx_http_request_t *r,
     ngx_http_sbx_decision_e decision);
+
+/* ngx_conf_set_enum_slot() with an error that names the directive */
+char *ngx_http_sbx_conf_set_enum(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 
 /*
  * Adds the location's RateLimit-Policy to an answer decided before its

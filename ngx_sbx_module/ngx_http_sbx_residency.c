@@ -263,7 +263,7 @@ static ngx_command_t  ngx_http_sbx_residency_commands[] = {
 
     { ngx_string("sbx_residency_unknown"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_enum_slot,
+      ngx_http_sbx_conf_set_enum,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_sbx_residency_loc_conf_t, unknown),
       &ngx_http_sbx_residency_unknown },
@@ -277,7 +277,7 @@ static ngx_command_t  ngx_http_sbx_residency_commands[] = {
 
     { ngx_string("sbx_residency_log_level"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_enum_slot,
+      ngx_http_sbx_conf_set_enum,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_sbx_residency_loc_conf_t, log_level),
       &ngx_http_sbx_residency_log_levels },

@@ -112,7 +112,7 @@ ngx_http_sbx_digest(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
                       "script \"%V\" of sbx_connector \"%V\" does not match "
                       "its pin: \"sha256\" is %V but the file's digest is "
                       "%V in %s:%ui", &c->script, &c->name, &c->pinned,
-                      &c->digest_hex, c->conf_file, c->conf_line);
+                      &c->digest_hex, c->conf_file, c->sha256_line);
         return NGX_ERROR;
     }
 

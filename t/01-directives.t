@@ -257,6 +257,131 @@ my @cases = (
         block  => 1,
     },
     {
+        name   => 'sbx_pool without a name',
+        http   => 'sbx_pool size=1;',
+        like   => [ qr/"sbx_pool" needs a name/ ],
+        at     => [ qr/sbx_pool size=1;/ ],
+    },
+    {
+        name   => 'sbx_pool with an empty name',
+        http   => 'sbx_pool "" size=1;',
+        like   => [ qr/invalid "sbx_pool" name ""/ ],
+        at     => [ qr/sbx_pool "" size=1;/ ],
+    },
+    {
+        # pool names become metric labels and log text: no quotes or \\
+        name   => 'sbx_pool with quotes in its name',
+        http   => 'sbx_pool "we\\"ird\\\\pool" size=1;',
+        like   => [ qr/invalid "sbx_pool" name/ ],
+        at     => [ qr/sbx_pool "we/ ],
+    },
+    {
+        name   => 'sbx_pool parameter given twice',
+        http   => 'sbx_pool p size=1 size=2;',
+        like   => [ qr/duplicate "size=" in "sbx_pool"/ ],
+        at     => [ qr/sbx_pool p size=1 size=2;/ ],
+    },
+    {
+        name   => 'sbx_pool queue out of range says the range',
+        http   => 'sbx_pool p size=1 queue=1000001;',
+        like   => [ qr/queue "queue=1000001" \(expected 0 to 1000000\)/ ],
+        at     => [ qr/queue=1000001;/ ],
+    },
+    {
+        name   => 'sbx_pool unknown parameter lists the known ones',
+        http   => 'sbx_pool p size=1 bogus=1;',
+        like   => [ qr/"bogus=1" \(expected size=, queue=, pipeline=, (?x)
+                      max_requests=\ or\ memory=\)/ ],
+        at     => [ qr/bogus=1;/ ],
+    },
+    {
+        name   => 'sbx_pool memory in g (nginx 1.22 sizes have no g)',
+        http   => 'sbx_pool p size=1 memory=1g;',
+        like   => [ qr/at least 64m, in k or m/ ],
+        at     => [ qr/memory=1g;/ ],
+    },
+    {
+        name   => 'limits unknown key lists the known ones',
+        conn   => 'limits cpu=5;',
+        like   => [ qr/"cpu=5" \(expected memory=, instructions= or timeout=\)/ ],
+        at     => [ qr/limits cpu=5;/ ],
+    },
+    {
+        name   => 'limits parameter given twice',
+        conn   => 'limits memory=1m memory=2m;',
+        like   => [ qr/duplicate "memory=" in "limits"/ ],
+        at     => [ qr/limits memory=1m memory=2m;/ ],
+    },
+    {
+        name   => 'limits memory over half of the pool names the limits line',
+        http   => 'sbx_pool small size=1 memory=64m;',
+        conn   => "pool small;\n    limits memory=33m;",
+        like   => [ qr/at most half of the memory of pool "small"/ ],
+        at     => [ qr/limits memory=33m;/ ],
+    },
+    {
+        name   => 'unknown pool names the pool line',
+        conn   => "version 1;\n    pool nope;",
+        like   => [ qr/unknown pool "nope"/ ],
+        at     => [ qr/pool nope;/ ],
+    },
+    {
+        name   => 'sha256 mismatch names the sha256 line',
+        conn   => "version 1;\n    sha256 " . ('0' x 64) . ';',
+        like   => [ qr/does not match its pin/ ],
+        at     => [ qr/sha256 0{64};/ ],
+    },
+    {
+        name   => 'a one-value directive of the block given two',
+        conn   => 'owner Acme Inc;',
+        like   => [ qr/invalid number of arguments in "owner" in (?x)
+                      sbx_connector\ block\ \(expected\ "owner\ VALUE;"\)/ ],
+        at     => [ qr/owner Acme Inc;/ ],
+    },
+    {
+        name   => 'an unknown directive of the block with two values',
+        conn   => 'colour blue green;',
+        like   => [ qr/unknown directive "colour" in sbx_connector block/ ],
+        at     => [ qr/colour blue green;/ ],
+    },
+    {
+        name   => 'capabilities without a name',
+        conn   => 'capabilities;',
+        like   => [ qr/"capabilities" directive needs at least one name/ ],
+        at     => [ qr/capabilities;/ ],
+    },
+    {
+        name   => 'sunset on a day that does not exist',
+        conn   => 'sunset 2027-02-30;',
+        like   => [ qr/invalid sunset "2027-02-30"/ ],
+        at     => [ qr/sunset 2027-02-30;/ ],
+    },
+    {
+        name   => 'sunset HTTP-date with the wrong weekday',
+        conn   => 'sunset "Mon, 30 Jun 2027 00:00:00 GMT";',
+        like   => [ qr/invalid sunset "Mon, 30 Jun 2027/ ],
+        at     => [ qr/sunset "Mon, 30 Jun/ ],
+    },
+    {
+        name   => 'state deprecated on a day that does not exist',
+        conn   => 'state deprecated 2026-02-29;',
+        like   => [ qr/invalid date "2026-02-29"/ ],
+        at     => [ qr/state deprecated 2026-02-29;/ ],
+    },
+    {
+        name   => 'empty connector name',
+        extra  => "sbx_connector \"\" { script %%PREFIX%%/c1.lua; }  # empty\n",
+        like   => [ qr/invalid connector name ""/ ],
+        at     => [ qr/# empty/ ],
+    },
+    {
+        name   => 'an enum value error names the directive and the values',
+        loc    => 'sbx_connector c1; sbx_residency_log_level debug;',
+        like   => [ qr/invalid value "debug" in "sbx_residency_log_level" (?x)
+                      \(expected\ info,\ notice,\ warn\ or\ error\)/ ],
+        at     => [ qr/sbx_residency_log_level debug;/ ],
+    },
+    {
         # fail closed: a helper that says nothing has checked nothing
         name   => 'a helper that exits 0 without checking the script',
         helper => "#!/bin/sh\nexit 0\n",

@@ -429,6 +429,13 @@ for my $case (
                               '--capabilities', 'net' ] ],
     [ 'bad limits', [ 'run', $hdr, '--request', $orders,
                       '--limits', 'cpu=1' ] ],
+    # below what nginx.conf's limits directive accepts
+    [ 'instructions below 1000', [ 'run', $hdr, '--request', $orders,
+                                   '--limits', 'instructions=5' ] ],
+    [ 'memory below 256k', [ 'run', $hdr, '--request', $orders,
+                             '--limits', 'memory=1' ] ],
+    [ 'timeout over 60s', [ 'run', $hdr, '--request', $orders,
+                            '--limits', 'timeout=61s' ] ],
     [ 'missing script', [ 'run', $t->prefix . '/none.lua',
                           '--request', $orders ] ],
 ) {
