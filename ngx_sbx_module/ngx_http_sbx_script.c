@@ -146,8 +146,10 @@ ngx_http_sbx_check(ngx_conf_t *cf, ngx_http_sbx_main_conf_t *smcf,
     if (access((char *) smcf->helper_path.data, X_OK) != 0) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, ngx_errno,
                       "sbx helper \"%V\" is not executable (set "
-                      "\"sbx_helper_path\" or run \"make\")",
-                      &smcf->helper_path);
+                      "\"sbx_helper_path\" or run \"make\"), needed to "
+                      "check the script of sbx_connector \"%V\" in %s:%ui",
+                      &smcf->helper_path, &c->name, c->conf_file,
+                      c->script_line);
         return NGX_ERROR;
     }
 

@@ -382,6 +382,13 @@ my @cases = (
         at     => [ qr/sbx_residency_log_level debug;/ ],
     },
     {
+        name   => 'sbx_helper_path that does not exist',
+        http   => 'sbx_helper_path /nonexistent/sbx-lua-helper;',
+        like   => [ qr{sbx helper "/nonexistent/sbx-lua-helper" is not (?x)
+                       executable.*sbx_connector\ "c1"} ],
+        block  => 1,
+    },
+    {
         # fail closed: a helper that says nothing has checked nothing
         name   => 'a helper that exits 0 without checking the script',
         helper => "#!/bin/sh\nexit 0\n",
