@@ -5,11 +5,13 @@
  *     commands ("json,base64 log");
  *   - ngx_http_sbx_gcra(): the rate limiter's arithmetic, over the values
  *     its directive accepts (rate N r/s|m|h, burst B) and any stored TAT
- *     a shared-memory zone or Redis may hand back within a day of now.
+ *     a shared-memory zone or Redis may hand back within a day of now;
+ *   - ngx_http_sbx_gcra_parse(): the rate= and burst= values of
+ *     sbx_rate_limit, as its directive handler hands them over.
  *
- * The nginx directive handlers themselves (sbx_rate_limit, sbx_pool, ...)
- * parse ngx_conf_t arguments with nginx's own ngx_atoi() and
- * ngx_parse_size(): not separable, they are tested through nginx -t.
+ * The other directive handlers (sbx_pool, limits, ...) parse ngx_conf_t
+ * arguments with nginx's own ngx_atoi() and ngx_parse_size(): not
+ * separable, they are tested through nginx -t.
  */
 
 #include "fuzz_common.h"
@@ -86,6 +88,72 @@ fuzz_gcra(const uint8_t *data, size_t size)
 }
 
 
+/*
+ * ngx_http_sbx_gcra_parse(): the input is "RATE|UNIT|BURST" (UNIT empty:
+ * the "Nr/u" form; no second '|': no burst).  What it accepts must be in
+ * range, free of overflow, and parse again to the same limit when written
+ * back in the canonical form.
+ */
+
+static void
+fuzz_rate(const uint8_t *data, size_t size)
+{
+    int                         rc;
+    char                        buf[64];
+    size_t                      rate_len, unit_len = 0, burst_len = 0;
+    const uint8_t              *unit = NULL, *burst = NULL, *bar, *end;
+    ngx_http_sbx_gcra_limit_t   g, again;
+
+    end = data + size;
+    bar = memchr(data, '|', size);
+    rate_len = bar ? (size_t) (bar - data) : size;
+
+    if (bar) {
+        unit = bar + 1;
+        bar = memchr(unit, '|', (size_t) (end - unit));
+        unit_len = bar ? (size_t) (bar - unit) : (size_t) (end - unit);
+
+        if (bar) {
+            burst = bar + 1;
+            burst_len = (size_t) (end - burst);
+        }
+
+        if (unit_len == 0) {
+            unit = NULL;
+        }
+    }
+
+    rc = ngx_http_sbx_gcra_parse(data, rate_len, unit, unit_len, burst,
+                                 burst_len, &g);
+
+    FUZZ_CHECK(rc == 0 || rc == -1 || rc == -2);
+
+    if (rc != 0) {
+        return;
+    }
+
+    FUZZ_CHECK(g.count >= 1 && g.count <= NGX_HTTP_SBX_GCRA_MAX);
+    FUZZ_CHECK(g.burst >= 1 && g.burst <= NGX_HTTP_SBX_GCRA_MAX);
+    FUZZ_CHECK(burst != NULL || g.burst == g.count);
+    FUZZ_CHECK((g.unit == 's' && g.period == 1)
+               || (g.unit == 'm' && g.period == 60)
+               || (g.unit == 'h' && g.period == 3600));
+    FUZZ_CHECK(g.interval >= 1);
+    FUZZ_CHECK(g.interval * g.count <= g.period * 1000000);
+    FUZZ_CHECK((g.interval + 1) * g.count > g.period * 1000000);
+    FUZZ_CHECK(g.dvt / g.interval == g.burst && g.dvt % g.interval == 0);
+
+    /* the canonical form parses to the same limit */
+    rc = snprintf(buf, sizeof(buf), "%lldr/%c", (long long) g.count, g.unit);
+    FUZZ_CHECK(rc > 0 && (size_t) rc < sizeof(buf));
+    FUZZ_CHECK(ngx_http_sbx_gcra_parse((const uint8_t *) buf, (size_t) rc,
+                                       NULL, 0, burst, burst_len, &again)
+               == 0);
+    FUZZ_CHECK(again.count == g.count && again.period == g.period
+               && again.burst == g.burst && again.dvt == g.dvt);
+}
+
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -109,6 +177,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(s);
 
     fuzz_gcra(data, size);
+    fuzz_rate(data, size);
 
     return 0;
 }

@@ -18,6 +18,7 @@
 #define _NGX_HTTP_SBX_GCRA_H_INCLUDED_
 
 
+#include <stddef.h>
 #include <stdint.h>
 
 
@@ -29,6 +30,29 @@ typedef struct {
     int64_t   retry_after;   /* until this request would pass; 0 if it did */
 } ngx_http_sbx_gcra_result_t;
 
+
+/* a limit as sbx_rate_limit gives it */
+typedef struct {
+    int64_t   count;         /* N of "rate=N r/u", 1 to 1000000 */
+    int64_t   period;        /* seconds: 1, 60 or 3600 */
+    int64_t   burst;         /* B, 1 to 1000000; N when not given */
+    int64_t   interval;      /* T = period / N, microseconds, at least 1 */
+    int64_t   dvt;           /* B * T */
+    char      unit;          /* 's', 'm' or 'h' */
+} ngx_http_sbx_gcra_limit_t;
+
+#define NGX_HTTP_SBX_GCRA_MAX  1000000
+
+/*
+ * Parses the values of "rate=N r/u" or "rate=Nr/u" (rate: "N" with unit
+ * "r/u", or "Nr/u" with unit NULL) and of "burst=B" (burst NULL: B = N).
+ * Returns 0, -1 for a bad rate or -2 for a bad burst.  Plain decimal
+ * digits only, no sign, no overflow; the directive's handler and
+ * fuzz/fuzz_params.c call it.
+ */
+int ngx_http_sbx_gcra_parse(const unsigned char *rate, size_t rate_len,
+    const unsigned char *unit, size_t unit_len, const unsigned char *burst,
+    size_t burst_len, ngx_http_sbx_gcra_limit_t *limit);
 
 /* tat: stored TAT or 0 for a new key; interval: T; dvt: B * T */
 void ngx_http_sbx_gcra(int64_t now, int64_t tat, int64_t interval,

@@ -822,7 +822,7 @@ ngx_http_sbx_name_ok(ngx_str_t *name)
  * "last one wins": *seen collects the bit of each one met so far.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_sbx_param_once(ngx_conf_t *cf, const char *directive,
     ngx_str_t *param, ngx_uint_t bit, ngx_uint_t *seen)
 {

@@ -1470,10 +1470,11 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_sbx_rl_loc_conf_t *rlcf = conf;
 
     u_char                            *p, *last;
-    ngx_int_t                          n;
-    ngx_str_t                         *value, rate, unit, key;
-    ngx_uint_t                         i, j, burst;
+    ngx_int_t                          rc;
+    ngx_str_t                         *value, rate, unit, key, burst;
+    ngx_uint_t                         i, j, seen;
     ngx_http_sbx_rl_limit_t           *limit, *other;
+    ngx_http_sbx_gcra_limit_t          g;
     ngx_http_sbx_rl_main_conf_t       *rmcf;
     ngx_http_compile_complex_value_t   ccv;
 
@@ -1497,17 +1498,32 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_null(&key);
     ngx_str_null(&rate);
     ngx_str_null(&unit);
-    burst = 0;
+    ngx_str_null(&burst);
+    seen = 0;
 
     for (i = 1; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "key=", 4) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 1,
+                                        &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             key.data = value[i].data + 4;
             key.len = value[i].len - 4;
             continue;
         }
 
         if (ngx_strncmp(value[i].data, "rate=", 5) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 2,
+                                        &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             rate.data = value[i].data + 5;
             rate.len = value[i].len - 5;
 
@@ -1523,20 +1539,26 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
-            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
-            if (n <= 0) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "\"sbx_rate_limit\": invalid \"%V\", "
-                                   "expected burst=N with N >= 1",
-                                   &value[i]);
+            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 4,
+                                        &seen)
+                != NGX_OK)
+            {
                 return NGX_CONF_ERROR;
             }
 
-            burst = n;
+            burst.data = value[i].data + 6;
+            burst.len = value[i].len - 6;
             continue;
         }
 
         if (ngx_strncmp(value[i].data, "name=", 5) == 0) {
+            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 8,
+                                        &seen)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
             limit->name.data = value[i].data + 5;
             limit->name.len = value[i].len - 5;
 
@@ -1588,41 +1610,26 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     /* "N r/u" or "Nr/u" */
 
-    last = rate.data + rate.len;
+    rc = ngx_http_sbx_gcra_parse(rate.data, rate.len, unit.data, unit.len,
+                                 burst.data, burst.len, &g);
 
-    if (unit.data == NULL) {
-        if (rate.len < 4 || last[-2] != '/' || last[-3] != 'r') {
-            goto bad_rate;
-        }
-
-        unit.data = last - 3;
-        unit.len = 3;
-        rate.len -= 3;
-    }
-
-    n = ngx_atoi(rate.data, rate.len);
-    if (n <= 0 || n > 1000000) {
+    if (rc == -1) {
         goto bad_rate;
     }
 
-    switch (unit.data[2]) {
-    case 's':
-        limit->period = 1;
-        break;
-    case 'm':
-        limit->period = 60;
-        break;
-    case 'h':
-        limit->period = 3600;
-        break;
-    default:
-        goto bad_rate;
+    if (rc != 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"sbx_rate_limit\": invalid \"burst=%V\", "
+                           "expected burst=N with 1 <= N <= %d",
+                           &burst, NGX_HTTP_SBX_GCRA_MAX);
+        return NGX_CONF_ERROR;
     }
 
-    limit->count = n;
-    limit->burst = burst ? burst : limit->count;
-    limit->interval = (int64_t) limit->period * 1000000 / limit->count;
-    limit->dvt = (int64_t) limit->burst * limit->interval;
+    limit->period = (ngx_uint_t) g.period;
+    limit->count = (ngx_uint_t) g.count;
+    limit->burst = (ngx_uint_t) g.burst;
+    limit->interval = g.interval;
+    limit->dvt = g.dvt;
 
     if (limit->name.len == 0) {
         p = ngx_pnalloc(cf->pool, NGX_INT_T_LEN * 2 + sizeof("-per-x-b"));
@@ -1632,12 +1639,12 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         limit->name.data = p;
 
-        if (burst) {
-            p = ngx_sprintf(p, "%ui-per-%c-b%ui", limit->count,
-                            unit.data[2], limit->burst);
+        if (burst.data) {
+            p = ngx_sprintf(p, "%ui-per-%c-b%ui", limit->count, g.unit,
+                            limit->burst);
 
         } else {
-            p = ngx_sprintf(p, "%ui-per-%c", limit->count, unit.data[2]);
+            p = ngx_sprintf(p, "%ui-per-%c", limit->count, g.unit);
         }
 
         limit->name.len = p - limit->name.data;

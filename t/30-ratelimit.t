@@ -201,7 +201,15 @@ my @bad = (
     [ 'sbx_rate_limit key=$remote_addr;', 'sbx_rate_limit',
       qr/key=VALUE and rate=N r\/s\|r\/m\|r\/h are required/ ],
     [ 'sbx_rate_limit key=$remote_addr rate=1r/s burst=0;', 'sbx_rate_limit',
-      qr/invalid "burst=0", expected burst=N with N >= 1/ ],
+      qr/invalid "burst=0", expected burst=N with 1 <= N <= 1000000/ ],
+    # B * T must not overflow: 2^63 - 1 at 1 r/h once did
+    [ 'sbx_rate_limit key=$remote_addr rate=1r/h '
+      . 'burst=9223372036854775807;', 'sbx_rate_limit',
+      qr/invalid "burst=9223372036854775807"/ ],
+    [ 'sbx_rate_limit key=$remote_addr rate=1r/s rate=2r/s;', 'sbx_rate_limit',
+      qr/duplicate "rate=" in "sbx_rate_limit"/ ],
+    [ 'sbx_rate_limit key=$remote_addr rate=+5r/s;', 'sbx_rate_limit',
+      qr/invalid rate "\+5r\/s"/ ],
     [ 'sbx_rate_limit key=$remote_addr rate=1r/s colour=red;', 'sbx_rate_limit',
       qr/unknown parameter "colour=red"/ ],
     [ 'sbx_rate_limit key=$remote_addr rate=1r/s name=a; '

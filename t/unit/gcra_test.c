@@ -134,6 +134,42 @@ main(void)
     is(ngx_http_sbx_gcra_seconds(1000001), 2, "seconds(1 s + 1 us) = 2");
     is(ngx_http_sbx_gcra_seconds(-5), 0, "negative: 0");
 
+    /* the values of rate= and burst= */
+#define PARSE(rate, unit, burst)                                              \
+    ngx_http_sbx_gcra_parse((const unsigned char *) rate, sizeof(rate) - 1, \
+                            (const unsigned char *) unit,                     \
+                            unit ? sizeof(unit) - 1 : 0,                      \
+                            (const unsigned char *) burst,                    \
+                            burst ? sizeof(burst) - 1 : 0, &g)
+
+    {
+        ngx_http_sbx_gcra_limit_t  g;
+
+        is(PARSE("10r/m", NULL, NULL), 0, "parse 10r/m");
+        is(g.count, 10, "10r/m: N 10");
+        is(g.period, 60, "10r/m: a minute");
+        is(g.interval, 6000000, "10r/m: T 6 s");
+        is(g.burst, 10, "no burst=: B = N");
+        is(g.dvt, 60000000, "dvt = B * T");
+        is(PARSE("5", "r/h", "2"), 0, "parse rate=5 r/h burst=2");
+        is(g.interval, 720000000, "5 r/h: T 720 s");
+        is(g.dvt, 1440000000, "burst 2: dvt 1440 s");
+        is(PARSE("1000000r/s", NULL, NULL), 0, "1000000r/s is the most");
+        is(g.interval, 1, "1000000r/s: T 1 us");
+        is(PARSE("1000001r/s", NULL, NULL), -1, "1000001r/s refused");
+        is(PARSE("0r/s", NULL, NULL), -1, "0r/s refused");
+        is(PARSE("+5r/s", NULL, NULL), -1, "a sign is refused");
+        is(PARSE("5r/d", NULL, NULL), -1, "r/d refused");
+        is(PARSE("r/s", NULL, NULL), -1, "no number refused");
+        is(PARSE("5", "x/s", NULL), -1, "a unit not r/ refused");
+        is(PARSE("1r/h", NULL, "9223372036854775807"), -2,
+           "a burst that would overflow B * T is refused");
+        is(PARSE("1r/h", NULL, "1000000"), 0, "burst 1000000 at 1 r/h");
+        is(g.dvt, 3600000000000000LL, "and its dvt fits");
+        is(PARSE("1r/s", NULL, "0"), -2, "burst=0 refused");
+        is(PARSE("1r/s", NULL, ""), -2, "burst= empty refused");
+    }
+
     printf("1..%d\n", test_n);
 
     return test_failed ? 1 : 0;
