@@ -747,6 +747,51 @@ ngx_http_sbx_param_num(ngx_str_t *v, size_t skip, ngx_uint_t min,
 
 
 /*
+ * The "key=value" parameters from cf->args[from] on name each key once:
+ * "duplicate "timeout=" in "sbx_redis" (each parameter may be given
+ * once)" rather than a silent "last one wins".
+ */
+
+ngx_int_t
+ngx_http_sbx_params_unique(ngx_conf_t *cf, ngx_uint_t from)
+{
+    u_char      *eq, *eq2;
+    size_t       len;
+    ngx_str_t   *value;
+    ngx_uint_t   i, j;
+
+    value = cf->args->elts;
+
+    for (i = from; i < cf->args->nelts; i++) {
+        eq = ngx_strlchr(value[i].data, value[i].data + value[i].len, '=');
+
+        if (eq == NULL) {
+            continue;
+        }
+
+        len = eq - value[i].data + 1;
+
+        for (j = from; j < i; j++) {
+            eq2 = ngx_strlchr(value[j].data, value[j].data + value[j].len,
+                              '=');
+
+            if (eq2 && (size_t) (eq2 - value[j].data + 1) == len
+                && ngx_strncmp(value[j].data, value[i].data, len) == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "duplicate \"%*s\" in \"%V\" (each "
+                                   "parameter may be given once)", len,
+                                   value[i].data, &value[0]);
+                return NGX_ERROR;
+            }
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * ngx_conf_set_enum_slot() that names the directive and lists the values:
  * "invalid value "maybe" in "sbx_residency_unknown" (expected allow or
  * deny)" instead of nginx's bare "invalid value "maybe"".

@@ -193,6 +193,9 @@ void ngx_http_sbx_set_decision(ngx_http_request_t *r,
 ngx_int_t ngx_http_sbx_param_once(ngx_conf_t *cf, const char *directive,
     ngx_str_t *param, ngx_uint_t bit, ngx_uint_t *seen);
 
+/* NGX_ERROR, logged, if a "key=" of cf->args[from...] is given twice */
+ngx_int_t ngx_http_sbx_params_unique(ngx_conf_t *cf, ngx_uint_t from);
+
 /* ngx_conf_set_enum_slot() with an error that names the directive */
 char *ngx_http_sbx_conf_set_enum(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);

@@ -1841,6 +1841,10 @@ ngx_http_sbx_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         rc->port = u.port;
     }
 
+    if (ngx_http_sbx_params_unique(cf, 2) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
     for (i = 2; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "password=", 9) == 0) {

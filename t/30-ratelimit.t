@@ -270,4 +270,19 @@ EOF
     $b->cleanup;
 }
 
+{
+    my $b = SbxTest->new;
+    $b->conf(<<'EOF');
+sbx_redis 127.0.0.1:6379 timeout=50ms timeout=60ms;
+server { listen 127.0.0.1:%%PORT%%; }
+EOF
+    my $n = $b->conf_line('sbx_redis');
+    my ($rc, $out) = $b->nginx_t;
+    isnt($rc, 0, 'sbx_redis with a parameter given twice fails');
+    like($out, qr/duplicate "timeout=" in "sbx_redis" .* in (?x)
+                  \Q${\ $b->conf_path}\E:$n\b/,
+         'the message names the parameter, the directive and the line');
+    $b->cleanup;
+}
+
 done_testing;

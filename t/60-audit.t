@@ -128,20 +128,26 @@ my @FIELDS = qw(ts id connector version script_sha256 decision status client
 # --- configuration (in a prefix of its own: its error log has [emerg]) --------
 
 {
+    my ($rc, $out);
     my $c = SbxTest->new;
     $c->write_file('ok.lua', $t->read_file('ok.lua'));
     for my $bad ('headers=authorization', 'headers=x-a,Cookie',
                  'headers=proxy-authorization', 'chain=maybe', 'anonymize=1',
-                 'headers=', 'headers=a,,b', 'bogus=1') {
+                 'headers=', 'headers=a,,b', 'bogus=1',
+                 'chain=on chain=off') {
         $c->conf("sbx_audit_log %%PREFIX%%/audit.log $bad;\n"
                  . "sbx_connector ok { script %%PREFIX%%/ok.lua; }\n");
-        my ($rc, $out) = $c->nginx_t;
+        ($rc, $out) = $c->nginx_t;
         isnt($rc, 0, "sbx_audit_log ... $bad: refused");
         like($out, qr/sbx_audit_log.*in \Q${\ $c->prefix}\E\/nginx\.conf:\d+/,
              "$bad: the message names the directive, file and line");
     }
+    $c->conf("sbx_audit_log %%PREFIX%%/audit.log chain=on chain=off;\n");
+    ($rc, $out) = $c->nginx_t;
+    like($out, qr/duplicate "chain=" in "sbx_audit_log"/,
+         'a parameter given twice is named');
     $c->conf("sbx_audit_log %%PREFIX%%/audit.log;\nsbx_audit_log off;\n");
-    my ($rc, $out) = $c->nginx_t;
+    ($rc, $out) = $c->nginx_t;
     like($out, qr/"sbx_audit_log" directive is duplicate/, 'duplicate refused');
     $c->conf("sbx_audit_log off;\n"
              . "sbx_connector ok { script %%PREFIX%%/ok.lua; }\n");
