@@ -137,6 +137,7 @@ static ngx_int_t ngx_http_sbx_residency_init(ngx_conf_t *cf);
 
 static char *ngx_http_sbx_geoip_db(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static ngx_int_t ngx_http_sbx_mmdb_has_country(MMDB_s *mmdb);
 static char *ngx_http_sbx_country_group(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_sbx_residency(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -1259,6 +1260,15 @@ ngx_http_sbx_geoip_db(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                              || ngx_strstrn(type, "Enterprise", 10 - 1)
                                 != NULL;
 
+    if (ngx_http_sbx_mmdb_has_country(&rmcf->mmdb) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"sbx_geoip_db\": \"%V\" (type \"%V\") has no "
+                           "country.iso_code in its records (expected a "
+                           "Country or City database, or any mmdb with "
+                           "country.iso_code)", &path, &rmcf->db_type);
+        return NGX_CONF_ERROR;
+    }
+
     p = ngx_pnalloc(cf->pool, NGX_INT64_LEN);
     if (p == NULL) {
         return NGX_CONF_ERROR;
@@ -1278,6 +1288,76 @@ ngx_http_sbx_geoip_db(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                          : "without subdivisions");
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * A database the module can use has country.iso_code in its records: an
+ * ASN or ISP database opens fine but would make every client "unknown".
+ * Walks the search tree depth first, from the start of the address space,
+ * and looks at the data of up to 256 networks (a City database may have
+ * networks with a continent only); at most 2^20 nodes are read.
+ */
+
+static ngx_int_t
+ngx_http_sbx_mmdb_has_country(MMDB_s *mmdb)
+{
+    int                  rc;
+    uint32_t             stack[256], node, rec[2];
+    uint8_t              type[2];
+    ngx_uint_t           top, nodes, datas, i;
+    MMDB_entry_s         entry[2];
+    MMDB_entry_data_s    data;
+    MMDB_search_node_s   sn;
+
+    top = 0;
+    nodes = 0;
+    datas = 0;
+    stack[top++] = 0;
+
+    while (top && nodes++ < (1 << 20) && datas < 256) {
+        node = stack[--top];
+
+        if (MMDB_read_node(mmdb, node, &sn) != MMDB_SUCCESS) {
+            return NGX_ERROR;
+        }
+
+        rec[0] = (uint32_t) sn.left_record;
+        rec[1] = (uint32_t) sn.right_record;
+        type[0] = sn.left_record_type;
+        type[1] = sn.right_record_type;
+        entry[0] = sn.left_record_entry;
+        entry[1] = sn.right_record_entry;
+
+        /* right first on the stack: the left (lower) half is read first */
+        for (i = 2; i-- > 0; /* void */) {
+
+            if (type[i] == MMDB_RECORD_TYPE_SEARCH_NODE) {
+                if (top < sizeof(stack) / sizeof(stack[0])) {
+                    stack[top++] = rec[i];
+                }
+
+                continue;
+            }
+
+            if (type[i] != MMDB_RECORD_TYPE_DATA) {
+                continue;
+            }
+
+            datas++;
+
+            rc = MMDB_get_value(&entry[i], &data, "country", "iso_code",
+                                NULL);
+
+            if (rc == MMDB_SUCCESS && data.has_data
+                && data.type == MMDB_DATA_TYPE_UTF8_STRING)
+            {
+                return NGX_OK;
+            }
+        }
+    }
+
+    return NGX_ERROR;
 }
 
 

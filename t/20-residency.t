@@ -524,6 +524,20 @@ isnt($rc, 0, 'truncated database: nginx -t fails');
 like($out, qr/half\.mmdb/, 'truncated database: message names the path')
     or diag($out);
 
+# an mmdb without country.iso_code (an ASN database, say) would make every
+# client "unknown": refused
+$c = SbxTest->new;
+SbxMMDB::write_db($c->prefix . '/asn.mmdb', type => 'GeoLite2-ASN',
+                  networks => [ [ '81.2.69.0/24', undef, 'EU' ],
+                                [ '2a02:1000::/32', undef, 'EU' ] ]);
+$c->conf("sbx_geoip_db %%PREFIX%%/asn.mmdb;\n");
+($rc, $out) = $c->nginx_t;
+isnt($rc, 0, 'database without country.iso_code: nginx -t fails');
+like($out, qr/\[emerg\].*sbx_geoip_db.*asn\.mmdb.*GeoLite2-ASN.*(?x)
+              has\ no\ country\.iso_code.*nginx\.conf:\d+/,
+     'database without country.iso_code: message names the path, type and '
+     . 'line') or diag($out);
+
 conf_fails(srv('sbx_residency allow DE;'),
            qr/\[emerg\].*"sbx_residency" needs a database.*nginx\.conf:\d+/,
            'rules without sbx_geoip_db');
