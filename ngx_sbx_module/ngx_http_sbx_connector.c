@@ -905,7 +905,14 @@ ngx_http_sbx_connector_header_filter(ngx_http_request_t *r)
     r->main_filter_need_in_memory = 1;
     r->buffered |= NGX_HTTP_SBX_BUFFERED;
 
-    if (r->headers_out.content_length_n > (off_t) cctx->cap) {
+    if (r->method == NGX_HTTP_HEAD
+        || r->headers_out.status == NGX_HTTP_NO_CONTENT
+        || r->headers_out.status == NGX_HTTP_NOT_MODIFIED)
+    {
+        /* no body comes, whatever Content-Length says */
+        r->header_only = 1;
+
+    } else if (r->headers_out.content_length_n > (off_t) cctx->cap) {
         /* refused from its header: the body is never read */
         cctx->size = r->headers_out.content_length_n;
         cctx->rs_state = NGX_HTTP_SBX_RS_OVERFLOW;

@@ -253,6 +253,82 @@ ngx_http_sbx_content_outcome(ngx_http_request_t *r, ngx_http_sbx_call_t *call)
 
 
 /*
+ * Headers that nginx's own filters read through r->headers_out rather than
+ * the list: without the pointer, gzip compresses an answer the script
+ * says is encoded already, expires adds a second Cache-Control, and
+ * not_modified never sees the ETag or Last-Modified.  Set as nginx's
+ * upstream module sets them for a proxied answer.
+ */
+
+static ngx_int_t
+ngx_http_sbx_known_header(ngx_http_request_t *r, ngx_table_elt_t *h)
+{
+    ngx_table_elt_t  **ph;
+
+#define ngx_http_sbx_named(s)                                                \
+    (h->key.len == sizeof(s) - 1                                              \
+     && ngx_strncasecmp(h->key.data, (u_char *) s, sizeof(s) - 1) == 0)
+
+    if (ngx_http_sbx_named("content-encoding")) {
+        r->headers_out.content_encoding = h;
+
+    } else if (ngx_http_sbx_named("cache-control")) {
+
+#if (nginx_version >= 1023000)
+        for (ph = &r->headers_out.cache_control; *ph; ph = &(*ph)->next) {
+            /* void */
+        }
+
+        h->next = NULL;
+        *ph = h;
+#else
+        if (r->headers_out.cache_control.elts == NULL
+            && ngx_array_init(&r->headers_out.cache_control, r->pool, 1,
+                              sizeof(ngx_table_elt_t *))
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        ph = ngx_array_push(&r->headers_out.cache_control);
+        if (ph == NULL) {
+            return NGX_ERROR;
+        }
+
+        *ph = h;
+#endif
+
+    } else if (ngx_http_sbx_named("expires")) {
+        r->headers_out.expires = h;
+
+    } else if (ngx_http_sbx_named("etag")) {
+        r->headers_out.etag = h;
+
+    } else if (ngx_http_sbx_named("last-modified")) {
+        r->headers_out.last_modified = h;
+        r->headers_out.last_modified_time =
+                              ngx_parse_http_time(h->value.data, h->value.len);
+
+    } else if (ngx_http_sbx_named("location")) {
+        r->headers_out.location = h;
+
+    } else if (ngx_http_sbx_named("www-authenticate")) {
+        r->headers_out.www_authenticate = h;
+
+    } else if (ngx_http_sbx_named("accept-ranges")) {
+        r->headers_out.accept_ranges = h;
+
+    } else if (ngx_http_sbx_named("refresh")) {
+        r->headers_out.refresh = h;
+    }
+
+#undef ngx_http_sbx_named
+
+    return NGX_OK;
+}
+
+
+/*
  * Reads status, headers and body of a response table and sends it.  The
  * helper validated all of it; the worker checks again and answers 500 on
  * anything it would not put on the wire.  Connector mode sends short-circuit
@@ -354,12 +430,32 @@ ngx_http_sbx_content_send(ngx_http_request_t *r, ngx_http_sbx_call_t *call,
         h->value.data = (u_char *) hd.value.data;
         h->value.len = hd.value.len;
         h->lowcase_key = NULL;
+#if (nginx_version >= 1023000)
+        h->next = NULL;
+#endif
+
+        if (ngx_http_sbx_known_header(r, h) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
     }
 
     ngx_http_sbx_set_decision(r, NGX_HTTP_SBX_ALLOWED);
 
     r->headers_out.status = status;
-    r->headers_out.content_length_n = body.len;
+
+    /*
+     * No Content-Length where the answer has no body to measure: 204 and
+     * 304 (RFC 9110 8.6), and a HEAD whose hook gave no body (the length
+     * of the GET answer is not known; 0 would be wrong).
+     */
+    if (status == NGX_HTTP_NO_CONTENT || status == NGX_HTTP_NOT_MODIFIED
+        || (r->method == NGX_HTTP_HEAD && !has_body))
+    {
+        r->headers_out.content_length_n = -1;
+
+    } else {
+        r->headers_out.content_length_n = body.len;
+    }
 
     if (r->headers_out.content_type.len == 0 && body.len) {
         ngx_str_set(&r->headers_out.content_type, "text/plain");

@@ -215,6 +215,7 @@ sbx_connector resperr {
     pool conn;
 }
 sbx_connector count { script %%PREFIX%%/count.lua; pool cnt; }
+sbx_connector ident { script %%PREFIX%%/count.lua; pool conn; }
 sbx_connector aeboth {
     script %%PREFIX%%/aeboth.lua; capabilities json; pool conn;
 }
@@ -246,6 +247,15 @@ server {
         gzip_min_length 0;
     }
     location /fail { return 503 "upstream failure\n"; }
+    location /notmod { return 304; }
+    location /alwaysgz {
+        add_header Content-Encoding gzip;
+        return 200 "already encoded";
+    }
+    location /cc {
+        add_header Cache-Control "max-age=60";
+        return 200 "cached";
+    }
     location /cookies {
         add_header Set-Cookie "a=1; Path=/";
         add_header Set-Cookie "b=2; Path=/";
@@ -288,6 +298,25 @@ server {
         proxy_pass http://backend/;
     }
     location /plain/   { proxy_pass http://backend/; }
+
+    # "return res": nginx's filters must see the headers the script keeps
+    location /ident/   {
+        sbx_connector ident;
+        sbx_response_buffer 1k;
+        proxy_pass http://backend/;
+    }
+    location /identgz/ {
+        sbx_connector ident;
+        gzip on;
+        gzip_types *;
+        gzip_min_length 0;
+        proxy_pass http://backend/;
+    }
+    location /identexp/ {
+        sbx_connector ident;
+        expires 1h;
+        proxy_pass http://backend/;
+    }
     location /pass/    { sbx_connector rewrite; proxy_pass http://backend/; }
     location /nohook/  { sbx_connector count; proxy_pass http://backend/; }
     location /down/ {
@@ -471,6 +500,35 @@ is($r->{status}, 404, 'response hook: upstream 404 status');
 $r = $t->request('HEAD', '/resp/files/small');
 is($r->{status}, 201, 'HEAD: status from the response hook');
 is($r->{content} // '', '', 'HEAD: no body');
+
+# HEAD, 304: no body to buffer, measure or cap
+$r = $t->request('HEAD', '/ident/files/small');
+is($r->{status}, 200, 'HEAD of a 60 kB answer under a 1k buffer: 200, '
+   . 'not 502 (no body comes)');
+ok(!defined $r->{headers}{'content-length'}
+   || $r->{headers}{'content-length'} eq length($small),
+   'HEAD: no Content-Length: 0 (the GET length is unknown after the hook)')
+    or diag("content-length: $r->{headers}{'content-length'}");
+$r = $t->get('/ident/notmod');
+is($r->{status}, 304, 'upstream 304 through the response hook');
+ok(!defined $r->{headers}{'content-length'}, '304: no Content-Length');
+
+# headers the script keeps are nginx's again: ETag for not_modified,
+# Content-Encoding for gzip, Cache-Control for expires
+$r = $t->get('/identgz/files/binary');
+my $etag = $r->{headers}{etag};
+ok(defined $etag, 'the upstream ETag comes through the hook');
+$r = $t->get('/identgz/files/binary',
+             { headers => { 'If-None-Match' => $etag // 'none' } });
+is($r->{status}, 304, 'If-None-Match with that ETag: 304 from nginx');
+$r = $t->get('/identgz/alwaysgz', { headers => { 'Accept-Encoding' => 'gzip' } });
+my $ce = $r->{headers}{'content-encoding'};
+is(ref $ce ? scalar @$ce : 1, 1, 'gzip on: one Content-Encoding, not two');
+is($r->{content}, 'already encoded', 'gzip on: not compressed again');
+$r = $t->get('/identexp/cc');
+my $cc = $r->{headers}{'cache-control'};
+is(ref $cc ? join('|', @$cc) : $cc, 'max-age=3600',
+   'expires: replaces the Cache-Control the script kept, not a second one');
 
 # the script has only a response hook: no helper round trip for requests
 my @cnt = $t->helper_pids;
