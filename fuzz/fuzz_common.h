@@ -190,7 +190,7 @@ fuzz_engine(const char *source, unsigned *hooks)
         abort();
     }
 
-    sbx_engine_ready(e);
+    sbx_engine_ready(e, 0);
 
     return e;
 }

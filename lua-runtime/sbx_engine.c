@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -84,6 +85,11 @@ struct sbx_engine_s {
 
     size_t              baseline;
     size_t              start_used;
+
+    /* the helper's own heap outside Lua (lua-cjson's buffers) */
+    uint64_t            as;             /* RLIMIT_AS, 0: none */
+    size_t              native_base;
+    int                 recycle;
 
     sbx_script_slot_t  *scripts;
     unsigned            nscripts;
@@ -604,6 +610,66 @@ sbx_call_end(sbx_engine_t *e)
 
 
 /*
+ * lua-cjson mallocs its buffers outside the Lua count and frees them only
+ * on its own errors: a memory error or a limit raised while it decodes
+ * leaves the buffer behind, once per such call.  After a call that failed,
+ * the helper's heap outside Lua is measured (mallinfo2(): no syscall); once
+ * it has grown by an eighth of the address-space limit (at least 8 MiB)
+ * since the helper was ready, the helper asks to be recycled.
+ */
+
+static void
+sbx_check_native(sbx_engine_t *e)
+{
+    size_t            heap, native, bound;
+    struct mallinfo2  mi;
+
+    mi = mallinfo2();
+    heap = mi.uordblks + mi.hblkhd;
+    native = heap > e->used ? heap - e->used : 0;
+
+    bound = e->as ? e->as / 8 : 128 * 1024 * 1024;
+
+    if (bound < 8 * 1024 * 1024) {
+        bound = 8 * 1024 * 1024;
+    }
+
+    if (native > e->native_base + bound) {
+        e->recycle = 1;
+    }
+}
+
+
+int
+sbx_engine_wants_recycle(sbx_engine_t *e)
+{
+    return e->recycle;
+}
+
+
+/*
+ * The compiled top level is shared by every call of its script: its _ENV
+ * upvalue, set to each call's new table, would keep that call's globals
+ * (and all they reach) alive after it, out of any call's count — memory
+ * one request holds against the next, and garbage whose collection the
+ * next request pays for.  Cleared as soon as a call is over.
+ */
+
+static void
+sbx_forget_env(lua_State *L, sbx_script_slot_t *s)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->chunk_ref);
+    lua_pushnil(L);
+
+    if (lua_setupvalue(L, -2, 1) == NULL) {
+        lua_pop(L, 1);
+    }
+
+    lua_pop(L, 1);
+}
+
+
+/*
  * Pushes a new thread with the script's top level on it, its _ENV set to a
  * new table, and runs it.  On success the hooks value is left on the
  * thread's stack.
@@ -761,6 +827,7 @@ sbx_engine_load(sbx_engine_t *e, const sbx_script_t *s, unsigned *hooks,
     sbx_call_begin(e, s->memory, s->instructions, s->timeout_ms);
     rc = sbx_run_top(e, slot, &co, msg, sizeof(msg));
     sbx_call_end(e);
+    sbx_forget_env(L, slot);
 
     if (rc != 0 || e->tripped) {
         if (e->tripped) {
@@ -792,10 +859,19 @@ sbx_engine_load(sbx_engine_t *e, const sbx_script_t *s, unsigned *hooks,
 
 
 void
-sbx_engine_ready(sbx_engine_t *e)
+sbx_engine_ready(sbx_engine_t *e, uint64_t as)
 {
+    size_t            heap;
+    struct mallinfo2  mi;
+
     lua_gc(e->L, LUA_GCCOLLECT);
     e->baseline = e->used;
+
+    mi = mallinfo2();
+    heap = mi.uordblks + mi.hblkhd;
+
+    e->as = as;
+    e->native_base = heap > e->used ? heap - e->used : 0;
 }
 
 
@@ -1763,6 +1839,11 @@ sbx_engine_call(sbx_engine_t *e, unsigned script, unsigned hook,
     rc = lua_pcall(co, 1, 1, 0);
 
     sbx_call_end(e);
+    sbx_forget_env(L, slot);
+
+    if (rc != LUA_OK || e->tripped) {
+        sbx_check_native(e);
+    }
 
     if (ctx.malformed) {
         lua_settop(L, top);

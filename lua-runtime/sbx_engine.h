@@ -65,8 +65,17 @@ int sbx_engine_call(sbx_engine_t *e, unsigned script, unsigned hook,
 /* Between calls: collect garbage when the heap grew past the baseline. */
 void sbx_engine_idle(sbx_engine_t *e);
 
-/* Takes a baseline of the heap once all scripts are loaded. */
-void sbx_engine_ready(sbx_engine_t *e);
+/*
+ * Takes a baseline of the heap once all scripts are loaded; as is the
+ * helper's address-space limit (0: none).
+ */
+void sbx_engine_ready(sbx_engine_t *e, uint64_t as);
+
+/*
+ * After a failed call: the helper's heap outside Lua grew too much (what
+ * lua-cjson leaves behind on errors) and the helper should be replaced.
+ */
+int sbx_engine_wants_recycle(sbx_engine_t *e);
 
 size_t sbx_engine_memory(sbx_engine_t *e);
 

@@ -285,7 +285,7 @@ sbx_serve(int argc, char **argv)
         return 1;
     }
 
-    sbx_engine_ready(e);
+    sbx_engine_ready(e, as);
 
     {
         uint8_t  ready[SBX_FRAME_HDR_SIZE];
@@ -314,7 +314,10 @@ sbx_serve(int argc, char **argv)
             return 3;
         }
 
-        sbx_frame_hdr_write(out, (uint32_t) outlen, SBX_MSG_RESULT, h.flags,
+        sbx_frame_hdr_write(out, (uint32_t) outlen, SBX_MSG_RESULT,
+                            (uint16_t) (h.flags
+                                        | (sbx_engine_wants_recycle(e)
+                                           ? SBX_RESULT_RECYCLE : 0)),
                             h.id, h.aux);
 
         if (sbx_write_all(SBX_CHANNEL_FD, out, SBX_FRAME_HDR_SIZE + outlen)

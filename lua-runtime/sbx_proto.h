@@ -43,6 +43,12 @@
 #define SBX_HOOK_REQUEST        1
 #define SBX_HOOK_RESPONSE       2
 
+/*
+ * SBX_MSG_RESULT flags: the CALL's, and this bit when the helper asks to
+ * be replaced once it has answered (its heap outside Lua grew)
+ */
+#define SBX_RESULT_RECYCLE      0x8000
+
 /* hooks a script defines (`check` reports them, the worker records them) */
 #define SBX_HAS_REQUEST         1
 #define SBX_HAS_RESPONSE        2

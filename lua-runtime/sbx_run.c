@@ -1431,7 +1431,7 @@ sbx_run(int argc, char **argv)
         return 1;
     }
 
-    sbx_engine_ready(e);
+    sbx_engine_ready(e, 0);
 
     rc = sbx_run_hook(e, SBX_HOOK_REQUEST, call, calllen, &r);
     free(call);

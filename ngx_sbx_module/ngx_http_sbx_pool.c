@@ -868,6 +868,14 @@ ngx_http_sbx_helper_complete(ngx_http_sbx_helper_t *h, sbx_frame_hdr_t *fh,
         h->recycle = 1;
     }
 
+    if ((fh->flags & SBX_RESULT_RECYCLE) && !h->recycle) {
+        ngx_log_error(NGX_LOG_INFO, pool->log, 0,
+                      "sbx: helper %P of pool \"%V\" asks to be recycled: "
+                      "its heap outside Lua grew (buffers lua-cjson left "
+                      "behind on failed calls)", h->pid, &pool->name);
+        h->recycle = 1;
+    }
+
     ngx_http_sbx_arm_head(h);
 
     pid = h->pid;
