@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/prctl.h>
+#include <sys/time.h>
 #include <sys/stat.h>
 
 #include "sbx_engine.h"
@@ -523,16 +524,25 @@ static const char *volatile  sbx_check_name = "stdin";
 
 /* RLIMIT_CPU: a top level that spins in one C call is stopped here */
 
+/* and a wall-clock backstop: 3 x timeout + 1 s, as for run */
+
 static void
 sbx_check_xcpu(int signo)
 {
     const char  *name = (const char *) sbx_check_name;
-    static const char  msg[] = ":1: check stopped: CPU time limit exceeded\n";
-
-    (void) signo;
+    static const char  cpu[] = ":1: check stopped: CPU time limit exceeded\n";
+    static const char  wall[] = ":1: top level: time limit exceeded (stopped "
+                                "by the wall-clock backstop)\n";
 
     (void) !write(1, name, strlen(name));
-    (void) !write(1, msg, sizeof(msg) - 1);
+
+    if (signo == SIGALRM) {
+        (void) !write(1, wall, sizeof(wall) - 1);
+
+    } else {
+        (void) !write(1, cpu, sizeof(cpu) - 1);
+    }
+
     _exit(1);
 }
 
@@ -621,6 +631,16 @@ sbx_check(int argc, char **argv)
 
     sbx_check_name = chunkname;
     (void) signal(SIGXCPU, sbx_check_xcpu);
+    (void) signal(SIGALRM, sbx_check_xcpu);
+
+    {
+        struct itimerval  it;
+
+        memset(&it, 0, sizeof(it));
+        it.it_value.tv_sec = (s.timeout_ms * 3ULL + 1000) / 1000;
+        it.it_value.tv_usec = (s.timeout_ms * 3ULL + 1000) % 1000 * 1000;
+        (void) setitimer(ITIMER_REAL, &it, NULL);
+    }
 
     if (sbx_sandbox_apply(SBX_PROFILE_CLI, 1ULL << 32, err, sizeof(err))
         != 0)

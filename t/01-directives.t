@@ -232,6 +232,15 @@ my @cases = (
         quick  => 20,
     },
     {
+        # one long C call: no instruction hook stops it, the backstop does
+        name   => 'script backtracks at top level',
+        script => "local x = ('a'):rep(40):find(('a-'):rep(12) .. 'b')\n"
+                . "return function(req) return {status = 200} end\n",
+        like   => [ 'SCRIPT:1:', qr/time limit exceeded/ ],
+        block  => 1,
+        quick  => 8,
+    },
+    {
         name   => 'script raises at top level',
         script => "local x = 1\nerror('top-level-boom')\n"
                 . "return function(req) return {status = 200} end\n",
