@@ -184,6 +184,8 @@ ngx_http_sbx_audit_log_handler(ngx_http_request_t *r)
     ngx_uint_t                        i, status, decision;
     ngx_time_t                       *tp;
     ngx_table_elt_t                  *h;
+    ngx_int_t                         helper_pid;
+    ngx_msec_t                        helper_ms;
     ngx_http_sbx_ctx_t               *ctx;
     ngx_http_sbx_connector_t         *c;
     ngx_http_sbx_audit_main_conf_t   *amcf;
@@ -298,10 +300,19 @@ ngx_http_sbx_audit_log_handler(ngx_http_request_t *r)
     p = ngx_slprintf(p, end, ",\"duration_ms\":%M,\"helper_ms\":",
                      ngx_http_sbx_request_ms(r));
 
+    helper_pid = ctx->helper_pid;
+    helper_ms = ctx->helper_ms;
+
+    /* the client went away while a helper had the call: its time so far */
+    if (ctx->call && ctx->call->helper && ctx->call->start) {
+        helper_pid = ctx->call->helper_pid;
+        helper_ms += ngx_current_msec - ctx->call->start;
+    }
+
     /* no helper ran anything: null, as for Redis without a rate limit */
 
-    if (ctx->helper_pid || ctx->helper_ms) {
-        p = ngx_slprintf(p, end, "%M", ctx->helper_ms);
+    if (helper_pid || helper_ms) {
+        p = ngx_slprintf(p, end, "%M", helper_ms);
 
     } else {
         p = ngx_cpymem(p, "null", 4);
@@ -322,8 +333,8 @@ ngx_http_sbx_audit_log_handler(ngx_http_request_t *r)
                      "\"helper\":", r->request_length, r->connection->sent,
                      ngx_pid);
 
-    if (ctx->helper_pid) {
-        p = ngx_slprintf(p, end, "%i", ctx->helper_pid);
+    if (helper_pid) {
+        p = ngx_slprintf(p, end, "%i", helper_pid);
 
     } else {
         p = ngx_cpymem(p, "null", 4);

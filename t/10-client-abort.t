@@ -186,6 +186,20 @@ is(scalar @gone, 3 + 10 + 3 + 20, 'every abandoned request is logged '
     or diag('statuses: ' . join(' ', map { ($_->{connector} // '-') . '='
                                            . ($_->{status} // '-') } @new));
 
+# a client that left while its call ran in a helper: the line still says
+# which helper had it and for how long (the first of the three; the other
+# two waited in the queue behind it: no helper had them)
+my @running = grep { ($_->{status} // 0) == 499
+                     && ($_->{connector} // '') eq 'work' } @new[0 .. 2];
+is(scalar @running, 3, 'the three abandoned calls are logged');
+my $first = $running[0] // {};
+ok(($first->{helper} // 0) > 0 && ($first->{helper_ms} // -1) >= 50,
+   'the one that ran: its helper and the time it had spent on it')
+    or diag(join ' ', map { ($_->{helper} // 'null') . '/'
+                            . ($_->{helper_ms} // 'null') } @running);
+is(scalar(grep { !defined $_->{helper} && !defined $_->{helper_ms} }
+          @running[1, 2]), 2, 'the queued ones: helper and helper_ms null');
+
 $t->stop;
 $t->check_error_log;
 
