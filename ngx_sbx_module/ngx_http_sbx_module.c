@@ -862,34 +862,6 @@ ngx_http_sbx_name_ok(ngx_str_t *name)
 }
 
 
-/*
- * A parameter given twice ("size=1 size=2") is an error, not a silent
- * "last one wins": *seen collects the bit of each one met so far.
- */
-
-ngx_int_t
-ngx_http_sbx_param_once(ngx_conf_t *cf, const char *directive,
-    ngx_str_t *param, ngx_uint_t bit, ngx_uint_t *seen)
-{
-    u_char  *eq;
-
-    if (*seen & bit) {
-        eq = ngx_strlchr(param->data, param->data + param->len, '=');
-
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "duplicate \"%*s\" in \"%s\" (each parameter "
-                           "may be given once)",
-                           eq ? (size_t) (eq - param->data) + 1 : param->len,
-                           param->data, directive);
-        return NGX_ERROR;
-    }
-
-    *seen |= bit;
-
-    return NGX_OK;
-}
-
-
 static char *
 ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
@@ -897,7 +869,7 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ssize_t               size;
     ngx_str_t            *value, s;
-    ngx_uint_t            i, have_size = 0, seen = 0;
+    ngx_uint_t            i, have_size = 0;
     ngx_http_sbx_pool_t  *pool;
 
     value = cf->args->elts;
@@ -922,6 +894,10 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "is duplicate";
     }
 
+    if (ngx_http_sbx_params_unique(cf, 2) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
     pool = ngx_http_sbx_new_pool(cf, smcf, &value[1]);
     if (pool == NULL) {
         return NGX_CONF_ERROR;
@@ -933,12 +909,6 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     for (i = 2; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "size=", 5) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 1, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             if (ngx_http_sbx_param_num(&value[i], 5, 1,
                                        NGX_HTTP_SBX_MAX_POOL_SIZE,
                                        &pool->size) != NGX_OK)
@@ -955,12 +925,6 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "queue=", 6) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 2, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             if (ngx_http_sbx_param_num(&value[i], 6, 0, 1000000,
                                        &pool->queue_max) != NGX_OK)
             {
@@ -974,12 +938,6 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "pipeline=", 9) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 4, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             if (ngx_http_sbx_param_num(&value[i], 9, 1,
                                        NGX_HTTP_SBX_MAX_PIPELINE,
                                        &pool->pipeline) != NGX_OK)
@@ -995,12 +953,6 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "max_requests=", 13) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 8, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             if (ngx_http_sbx_param_num(&value[i], 13, 0, NGX_MAX_INT_T_VALUE,
                                        &pool->max_requests) != NGX_OK)
             {
@@ -1015,12 +967,6 @@ ngx_http_sbx_pool_directive(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "memory=", 7) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_pool", &value[i], 16, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             s.data = value[i].data + 7;
             s.len = value[i].len - 7;
 
@@ -1169,7 +1115,7 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
     ssize_t      size;
     ngx_int_t    n;
     ngx_str_t   *value, s;
-    ngx_uint_t   i, seen = 0;
+    ngx_uint_t   i;
     ngx_msec_t   ms;
 
     value = cf->args->elts;
@@ -1178,15 +1124,13 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         return "needs memory=SIZE, instructions=N or timeout=TIME";
     }
 
+    if (ngx_http_sbx_params_unique(cf, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
     for (i = 1; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "memory=", 7) == 0) {
-            if (ngx_http_sbx_param_once(cf, "limits", &value[i], 1, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             s.data = value[i].data + 7;
             s.len = value[i].len - 7;
             size = ngx_parse_size(&s);
@@ -1204,12 +1148,6 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         }
 
         if (ngx_strncmp(value[i].data, "instructions=", 13) == 0) {
-            if (ngx_http_sbx_param_once(cf, "limits", &value[i], 2, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             n = ngx_atoi(value[i].data + 13, value[i].len - 13);
 
             if (n == NGX_ERROR || n < 1000) {
@@ -1225,12 +1163,6 @@ ngx_http_sbx_set_limits(ngx_conf_t *cf, ngx_http_sbx_connector_t *c)
         }
 
         if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
-            if (ngx_http_sbx_param_once(cf, "limits", &value[i], 4, &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             s.data = value[i].data + 8;
             s.len = value[i].len - 8;
             ms = ngx_parse_time(&s, 0);

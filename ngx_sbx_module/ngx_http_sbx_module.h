@@ -186,13 +186,6 @@ ngx_int_t ngx_http_sbx_send_error(ngx_http_request_t *r, ngx_uint_t status,
 void ngx_http_sbx_set_decision(ngx_http_request_t *r,
     ngx_http_sbx_decision_e decision);
 
-/*
- * For "key=value" parameters: an error naming the directive if the one
- * with this bit (a power of 2, one per parameter) was seen before.
- */
-ngx_int_t ngx_http_sbx_param_once(ngx_conf_t *cf, const char *directive,
-    ngx_str_t *param, ngx_uint_t bit, ngx_uint_t *seen);
-
 /* NGX_ERROR, logged, if a "key=" of cf->args[from...] is given twice */
 ngx_int_t ngx_http_sbx_params_unique(ngx_conf_t *cf, ngx_uint_t from);
 

@@ -1472,7 +1472,7 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     u_char                            *p, *last;
     ngx_int_t                          rc;
     ngx_str_t                         *value, rate, unit, key, burst;
-    ngx_uint_t                         i, j, seen;
+    ngx_uint_t                         i, j;
     ngx_http_sbx_rl_limit_t           *limit, *other;
     ngx_http_sbx_gcra_limit_t          g;
     ngx_http_sbx_rl_main_conf_t       *rmcf;
@@ -1499,31 +1499,20 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_null(&rate);
     ngx_str_null(&unit);
     ngx_str_null(&burst);
-    seen = 0;
+
+    if (ngx_http_sbx_params_unique(cf, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     for (i = 1; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "key=", 4) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 1,
-                                        &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             key.data = value[i].data + 4;
             key.len = value[i].len - 4;
             continue;
         }
 
         if (ngx_strncmp(value[i].data, "rate=", 5) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 2,
-                                        &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             rate.data = value[i].data + 5;
             rate.len = value[i].len - 5;
 
@@ -1539,26 +1528,12 @@ ngx_http_sbx_rate_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 4,
-                                        &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             burst.data = value[i].data + 6;
             burst.len = value[i].len - 6;
             continue;
         }
 
         if (ngx_strncmp(value[i].data, "name=", 5) == 0) {
-            if (ngx_http_sbx_param_once(cf, "sbx_rate_limit", &value[i], 8,
-                                        &seen)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
             limit->name.data = value[i].data + 5;
             limit->name.len = value[i].len - 5;
 
