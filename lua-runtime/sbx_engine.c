@@ -29,6 +29,9 @@
 #include <unistd.h>
 #include <sys/random.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #include <lua.h>
 #include <lauxlib.h>
 #include <lualib.h>
@@ -84,7 +87,7 @@ struct sbx_engine_s {
     char                log_buf[SBX_MAX_LOG_BYTES];
 
     int                 randomseed_ref;
-    uint64_t            rng[2];
+    EVP_CIPHER_CTX     *rng;            /* seeds of math.randomseed */
 
     size_t              baseline;
     size_t              start_used;
@@ -351,18 +354,57 @@ sbx_log_args(lua_State *L, int level, const char *fname)
 }
 
 
-/* host PRNG (xoroshiro128+), seeded from getrandom() before the sandbox */
+/*
+ * The seeds of each call's math.randomseed: a ChaCha20 keystream (OpenSSL
+ * libcrypto) keyed from getrandom() before the sandbox.  Lua's xoshiro256**
+ * gives its state away to a script that reads a few math.random(0) values,
+ * and with it the seeds of its own call; a non-cryptographic host PRNG
+ * (xoroshiro128+ before) would then give away the seeds of the calls that
+ * follow, another connector's included.  A keystream does not: one call's
+ * seeds say nothing of the next.  No system call once set up.
+ */
 
-static uint64_t
-sbx_rng_next(sbx_engine_t *e)
+static int
+sbx_rng_init(sbx_engine_t *e)
 {
-    uint64_t  s0 = e->rng[0], s1 = e->rng[1], r = s0 + s1;
+    unsigned char  key[32], iv[16];
 
-    s1 ^= s0;
-    e->rng[0] = ((s0 << 24) | (s0 >> 40)) ^ s1 ^ (s1 << 16);
-    e->rng[1] = (s1 << 37) | (s1 >> 27);
+    if (getrandom(key, sizeof(key), 0) != sizeof(key)
+        || getrandom(iv, sizeof(iv), 0) != sizeof(iv))
+    {
+        return -1;
+    }
 
-    return r;
+    e->rng = EVP_CIPHER_CTX_new();
+
+    if (e->rng == NULL
+        || EVP_EncryptInit_ex(e->rng, EVP_chacha20(), NULL, key, iv) != 1)
+    {
+        return -1;
+    }
+
+    OPENSSL_cleanse(key, sizeof(key));
+
+    return 0;
+}
+
+
+static void
+sbx_rng_seeds(sbx_engine_t *e, uint64_t seeds[2])
+{
+    int            n;
+    unsigned char  zero[16], out[16];
+
+    memset(zero, 0, sizeof(zero));
+
+    if (EVP_EncryptUpdate(e->rng, out, &n, zero, sizeof(zero)) != 1
+        || n != sizeof(out))
+    {
+        /* cannot happen for a stream cipher; never reuse a seed */
+        abort();
+    }
+
+    memcpy(seeds, out, sizeof(out));
 }
 
 
@@ -378,17 +420,19 @@ sbx_engine_create(char *err, size_t errlen)
         return NULL;
     }
 
-    if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng)) {
-        snprintf(err, errlen, "getrandom() failed: %s", strerror(errno));
+    /* libcrypto's one-time setup reads files and wakes futexes */
+    if (sbx_caps_init() != 0) {
+        snprintf(err, errlen, "libcrypto initialisation failed");
         free(e);
         return NULL;
     }
 
-    e->rng[0] |= 1;
+    errno = 0;
 
-    /* libcrypto's one-time setup reads files and wakes futexes */
-    if (sbx_caps_init() != 0) {
-        snprintf(err, errlen, "libcrypto initialisation failed");
+    if (sbx_rng_init(e) != 0) {
+        snprintf(err, errlen, "seeding the host PRNG failed: %s",
+                 errno ? strerror(errno) : "libcrypto");
+        EVP_CIPHER_CTX_free(e->rng);
         free(e);
         return NULL;
     }
@@ -431,6 +475,7 @@ sbx_engine_destroy(sbx_engine_t *e)
         lua_close(e->L);
     }
 
+    EVP_CIPHER_CTX_free(e->rng);
     free(e->scripts);
     free(e->out);
     free(e);
@@ -1809,7 +1854,7 @@ sbx_engine_call(sbx_engine_t *e, unsigned script, unsigned hook,
     char                msg[SBX_MAX_ERROR_MSG];
     unsigned            outcome;
     uint32_t            cpu;
-    uint64_t            us;
+    uint64_t            us, seeds[2];
     sbx_wr_t            w;
     lua_State          *L = e->L, *co;
     sbx_invoke_t        ctx;
@@ -1831,9 +1876,10 @@ sbx_engine_call(sbx_engine_t *e, unsigned script, unsigned hook,
     top = lua_gettop(L);
 
     /* no PRNG state crosses calls */
+    sbx_rng_seeds(e, seeds);
     lua_rawgeti(L, LUA_REGISTRYINDEX, e->randomseed_ref);
-    lua_pushinteger(L, (lua_Integer) sbx_rng_next(e));
-    lua_pushinteger(L, (lua_Integer) sbx_rng_next(e));
+    lua_pushinteger(L, (lua_Integer) seeds[0]);
+    lua_pushinteger(L, (lua_Integer) seeds[1]);
     lua_pcall(L, 2, 0, 0);
     lua_settop(L, top);
 
