@@ -355,6 +355,12 @@ ngx_http_sbx_connector_body(ngx_http_request_t *r)
 
     if (rc == NGX_AGAIN && !cctx->finished) {
         ctx->waiting = 1;
+
+        /*
+         * as in content mode: a client that closes its connection ends the
+         * request (499) and cancels the call, queued or running
+         */
+        r->read_event_handler = ngx_http_test_reading;
         return;
     }
 
@@ -394,6 +400,9 @@ ngx_http_sbx_connector_request_finish(ngx_http_request_t *r,
     sbx_rd_t              rd;
     ngx_int_t             rc;
     ngx_http_sbx_call_t  *call = cctx->call;
+
+    /* what follows (proxy_pass) sets its own, e.g. proxy_ignore_client_abort */
+    r->read_event_handler = ngx_http_block_reading;
 
     if (call->outcome != SBX_OUT_RESPONSE || call->result == NULL) {
         ngx_http_finalize_request(r,

@@ -89,6 +89,7 @@ struct ngx_http_sbx_helper_s {
     u_char                       *obuf;
     size_t                        olen;
     size_t                        osent;
+    u_char                       *ocopy;          /* obuf, when allocated */
 
     ngx_uint_t                    served;
     uint32_t                      next_id;
@@ -644,6 +645,11 @@ ngx_http_sbx_helper_gone(ngx_http_sbx_helper_t *h, ngx_uint_t why)
     h->wslot = 0;
     h->obuf = NULL;
 
+    if (h->ocopy) {
+        ngx_free(h->ocopy);
+        h->ocopy = NULL;
+    }
+
     for (i = 0; i < n; i++) {
         if (slots[i].call) {
             slots[i].call->helper = NULL;
@@ -792,6 +798,11 @@ ngx_http_sbx_helper_write(ngx_event_t *wev)
 
         if (h->obuf && h->wslot) {
             h->nwritten++;
+        }
+
+        if (h->ocopy) {
+            ngx_free(h->ocopy);
+            h->ocopy = NULL;
         }
 
         h->obuf = NULL;
@@ -1435,9 +1446,28 @@ ngx_http_sbx_call_cancel(ngx_http_sbx_call_t *call)
     }
 
     if (i == h->nwritten && h->wslot && h->osent) {
-        /* partly sent, from the request's memory: the helper must go */
+        /*
+         * Partly sent, from the request's memory: the rest is sent from a
+         * copy, the helper runs the call and its answer is dropped.  The
+         * helper and the calls it has besides this one go on: a client
+         * that hangs up must not fail another client's call.
+         */
         h->slots[i].call = NULL;
-        ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_DROPPED);
+
+        if (h->ocopy == NULL) {
+            h->ocopy = ngx_alloc(h->olen - h->osent, pool->log);
+
+            if (h->ocopy == NULL) {
+                ngx_http_sbx_helper_gone(h, NGX_HTTP_SBX_GONE_DROPPED);
+                return;
+            }
+
+            ngx_memcpy(h->ocopy, h->obuf + h->osent, h->olen - h->osent);
+            h->obuf = h->ocopy;
+            h->olen -= h->osent;
+            h->osent = 0;
+        }
+
         return;
     }
 

@@ -71,6 +71,7 @@ server {
 
 server {
     listen 127.0.0.1:%%PORT%%;
+    client_max_body_size 8m;
     location /work  { sbx_connector work; }
     location /hooks {
         sbx_connector hooks;
@@ -144,6 +145,78 @@ abandon('/hooks/a?req_ms=300', 0.1);
 abandon('/hooks/b?ms=300', 0.1);            # the upstream is slow
 abandon('/hooks/c?res_ms=300', 0.1);
 
+# ---- a big call half written to the helper when its client leaves --------
+# A runs; B and C wait; when A ends, B runs and C (2 MB, more than the
+# socket holds) is half written behind it.  C's client leaving must not
+# fail B: the rest of C is written from a copy and its answer dropped.
+
+{
+    my %out;
+    my @kids;
+    my $start = time;
+    for my $job ([ 'A', 0, 900 ], [ 'B', 0.05, 900 ], [ 'C', 0.1, 0 ]) {
+        my ($id, $at, $ms) = @$job;
+        my $pid = fork // die "fork: $!";
+        if ($pid == 0) {
+            sleep $at;
+            my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+                                          PeerPort => $t->port) or die;
+            if ($id eq 'C') {
+                my $body = 'x' x (2 * 1024 * 1024);
+                print {$s} "POST /work?ms=0&i=big HTTP/1.1\r\nHost: x\r\n"
+                         . "Content-Length: " . length($body) . "\r\n\r\n"
+                         . $body;
+                sleep 1.3;          # A has ended, B runs, C is half sent
+                close $s;
+                POSIX::_exit(0);
+            }
+            print {$s} "GET /work?ms=$ms&i=$id HTTP/1.1\r\nHost: x\r\n"
+                     . "Connection: close\r\n\r\n";
+            local $/;
+            my $answer = <$s> // '';
+            my ($st) = $answer =~ m{^HTTP/1\.1 (\d+)};
+            $t->write_file("answer-$id", $st // 'none');
+            POSIX::_exit(0);
+        }
+        push @kids, $pid;
+    }
+    waitpid($_, 0) for @kids;
+    is($t->read_file('answer-A'), '200', 'A ran and answered');
+    is($t->read_file('answer-B'), '200', 'B, running when C\'s client left '
+       . 'half way through its call, still answers 200');
+    unlike($t->error_log, qr/helper died while running|the helper went away/,
+           'no helper was dropped for it');
+    sleep 0.5;
+}
+
+# ---- connector mode: a client that leaves while its request-hook call waits
+
+{
+    my $n0 = () = audit_lines();
+
+    # the hook pool's helper is busy with a 600 ms request hook
+    my $busy = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+                                     PeerPort => $t->port) or die;
+    print {$busy} "GET /hooks/busy?req_ms=600 HTTP/1.1\r\nHost: x\r\n"
+                . "Connection: close\r\n\r\n";
+    sleep 0.1;
+    abandon('/hooks/gone?i=queuedhook', 0.1);
+    local $/;
+    my $answer = <$busy> // '';
+    like($answer, qr/^HTTP\/1\.1 200 /, 'the busy request hook answers');
+    close $busy;
+    sleep 0.5;
+    unlike($t->error_log, qr/ran queuedhook/,
+           'a request hook whose client left while queued never runs '
+           . '(the upstream never sees the request)');
+    my @l = audit_lines();
+    my ($q) = grep { ($_->{connector} // '') eq 'hooks'
+                     && ($_->{status} // 0) == 499 } @l[$n0 .. $#l];
+    ok($q && !defined $q->{helper} && ($q->{duration_ms} // 9999) < 400,
+       'it ends when its client leaves (499 at once, no helper ran it)')
+        or diag(JSON::PP->new->canonical->encode($q // {}));
+}
+
 # ---- afterwards ----------------------------------------------------------------
 
 sleep 1.5;      # every abandoned call has run out or been dropped
@@ -176,12 +249,13 @@ cmp_ok($fds1, '<=', $fds0 + 2,
 my @lines = audit_lines();
 my @new = @lines[$lines0 .. $#lines];
 my $front = grep { ($_->{connector} // '') =~ /^(work|hooks)$/ } @new;
-# 3 running + 1 busy + 10 queued + 3 connector + after + d + 20 fd
-is($front, 3 + 1 + 10 + 3 + 1 + 1 + 20,
+# 3 running + 1 busy + 10 queued + 3 connector + A, B, C + busy and gone
+# hooks + after + d + 20 fd
+is($front, 3 + 1 + 10 + 3 + 3 + 2 + 1 + 1 + 20,
    'an audit line for every request to a front connector route');
 my @gone = grep { ($_->{status} // 0) == 499 } @new;
-# all but the busy one, "after", "d" and the upstream's own line
-is(scalar @gone, 3 + 10 + 3 + 20, 'every abandoned request is logged '
+# all but the busy ones, A, B, "after", "d" and the upstream's own lines
+is(scalar @gone, 3 + 10 + 3 + 1 + 1 + 20, 'every abandoned request is logged '
    . 'with status 499')
     or diag('statuses: ' . join(' ', map { ($_->{connector} // '-') . '='
                                            . ($_->{status} // '-') } @new));
