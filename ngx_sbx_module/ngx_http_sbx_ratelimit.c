@@ -630,6 +630,25 @@ ngx_http_sbx_rl_finish(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
 
 
 static ngx_int_t
+ngx_http_sbx_rl_add_policy(ngx_http_request_t *r,
+    ngx_http_sbx_rl_loc_conf_t *rlcf)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "RateLimit-Policy");
+    h->value = rlcf->policy;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
 ngx_http_sbx_rl_headers(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
     ngx_http_sbx_rl_loc_conf_t *rlcf)
 {
@@ -640,14 +659,9 @@ ngx_http_sbx_rl_headers(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
     ngx_http_sbx_rl_limit_t   *limit;
     ngx_http_sbx_rl_result_t  *res;
 
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_sbx_rl_add_policy(r, rlcf) != NGX_OK) {
         return NGX_ERROR;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "RateLimit-Policy");
-    h->value = rlcf->policy;
 
     if (ctx->unavailable) {
         return NGX_OK;
@@ -715,7 +729,6 @@ ngx_http_sbx_rl_headers(ngx_http_request_t *r, ngx_http_sbx_rl_ctx_t *ctx,
 ngx_int_t
 ngx_http_sbx_rl_policy_header(ngx_http_request_t *r)
 {
-    ngx_table_elt_t             *h;
     ngx_http_sbx_rl_ctx_t       *ctx;
     ngx_http_sbx_rl_loc_conf_t  *rlcf;
 
@@ -731,16 +744,7 @@ ngx_http_sbx_rl_policy_header(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "RateLimit-Policy");
-    h->value = rlcf->policy;
-
-    return NGX_OK;
+    return ngx_http_sbx_rl_add_policy(r, rlcf);
 }
 
 
