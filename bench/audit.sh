@@ -202,11 +202,7 @@ echo "audit: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, POST" \
 echo "audit: checks passed: both answer the expected JSON; the audited one" \
      "wrote one chained line per request (tools/sbx-audit-verify OK)"
 
-if [ "$WARMUP" -gt 0 ]; then
-    for t in $TARGETS; do
-        wrk_run "$t" "$WARMUP" "$P/warmup.$t"
-    done
-fi
+warm_up $TARGETS
 
 r=1
 while [ "$r" -le "$ROUNDS" ]; do

@@ -162,20 +162,8 @@ echo "connector: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, GET;" \
      "(load average before: $(cut -d' ' -f1-3 /proc/loadavg))"
 echo "connector: correctness: /sbx and /openresty return the expected JSON"
 
-if [ "$WARMUP" -gt 0 ]; then
-    for t in $TARGETS; do
-        wrk_run "$t" "$WARMUP" "$P/warmup.$t"
-    done
-fi
-
-r=1
-while [ "$r" -le "$ROUNDS" ]; do
-    for t in $(rotate "$r" $TARGETS); do
-        measure_worker "$t" "$r"
-    done
-    printf 'connector: round %d/%d done\n' "$r" "$ROUNDS"
-    r=$((r + 1))
-done
+warm_up $TARGETS
+run_rounds measure_worker $TARGETS
 
 # ---------------------------------------------------------------- report
 

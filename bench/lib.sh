@@ -166,6 +166,25 @@ report_worker() {   # report_worker TARGETS...: medians and rounds table
     done
 }
 
+warm_up() {     # warm_up TARGETS...: wrk_run each for $WARMUP s, not measured
+    [ "$WARMUP" -gt 0 ] || return 0
+    for t in "$@"; do
+        wrk_run "$t" "$WARMUP" "$P/warmup.$t"
+    done
+}
+
+run_rounds() {  # run_rounds MEASURE TARGETS...: $ROUNDS rounds of MEASURE
+    m=$1; shift  # TARGET ROUND, the order rotated so no target always leads
+    r=1
+    while [ "$r" -le "$ROUNDS" ]; do
+        for t in $(rotate "$r" "$@"); do
+            "$m" "$t" "$r"
+        done
+        printf '%s: round %d/%d done\n' "${BENCH_NAME%.sh}" "$r" "$ROUNDS"
+        r=$((r + 1))
+    done
+}
+
 rotate() {      # rotate ROUND ITEMS...: the items, starting at ROUND's turn
     k=$1; shift
     n=$#

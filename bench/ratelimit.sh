@@ -46,7 +46,6 @@ need_lua_module
     || [ -e /usr/share/lua/5.1/nginx/redis.lua ] \
     || die "lua-resty-redis is missing (Debian lua-nginx-redis)"
 TARGETS="base limitreq sbx lua flood"
-NT=5
 
 PORT=$(free_port)
 RPORT=$(free_port)
@@ -270,23 +269,8 @@ echo "ratelimit: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, GET" \
 echo "ratelimit: checks passed: headers set, /flood denied after 1 request," \
      "one GCRA script in Redis shared by /sbx and /lua"
 
-if [ "$WARMUP" -gt 0 ]; then
-    for t in $TARGETS; do
-        wrk_run "$t" "$WARMUP" "$P/warmup.$t"
-    done
-fi
-
-r=1
-while [ "$r" -le "$ROUNDS" ]; do
-    # rotate the order each round so no target always runs first
-    order=$(echo $TARGETS $TARGETS | awk -v k="$r" -v n=$NT '{
-        s = ""; for (i = 0; i < n; i++) s = s " " $(((k - 1) % n) + 1 + i); print s }')
-    for t in $order; do
-        measure "$t" "$r"
-    done
-    printf 'ratelimit: round %d/%d done\n' "$r" "$ROUNDS"
-    r=$((r + 1))
-done
+warm_up $TARGETS
+run_rounds measure $TARGETS
 
 # ---------------------------------------------------------------- report
 

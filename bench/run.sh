@@ -149,21 +149,8 @@ echo "bench: $(nproc) CPUs shared by wrk, nginx and the helpers" \
      "(load average before: $(cut -d' ' -f1-3 /proc/loadavg))"
 echo "bench: correctness: /sbx and /openresty return the expected JSON"
 
-if [ "$WARMUP" -gt 0 ]; then
-    for t in $TARGETS; do
-        wrk_run "$t" "$WARMUP" "$P/warmup.$t"
-    done
-fi
-
-r=1
-while [ "$r" -le "$ROUNDS" ]; do
-    # rotate the order each round so no target always runs first
-    for t in $(rotate "$r" $TARGETS); do
-        measure_worker "$t" "$r"
-    done
-    printf 'bench: round %d/%d done\n' "$r" "$ROUNDS"
-    r=$((r + 1))
-done
+warm_up $TARGETS
+run_rounds measure_worker $TARGETS
 
 # ---------------------------------------------------------------- report
 
