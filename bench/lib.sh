@@ -93,8 +93,14 @@ wait_http() {   # wait_http URL PID ERROR_LOG: until URL answers (5 s)
     done
 }
 
-conf_main() {   # conf_main DIR: main context of a one-worker bench nginx
+conf_main() {   # conf_main DIR [lua]: main context of a one-worker bench
+    if [ "${2:-}" = lua ]; then     # nginx; lua: with lua-nginx-module too
+        echo "load_module $NGX_MODULES/ndk_http_module.so;"
+        echo "load_module $NGX_MODULES/ngx_http_lua_module.so;"
+    fi
     cat <<CONF
+load_module $BUILD/ngx_http_sbx_module.so;
+
 daemon off;
 worker_processes 1;
 error_log $1/error.log warn;
