@@ -52,7 +52,7 @@ else
 fi
 chmod 755 "$AUDIT_DIR"
 
-start_nginx() {     # start_nginx NAME PORT AUDIT_LINE
+start_instance() {  # start_instance NAME PORT AUDIT_LINE
     d=$P/$1
     mkdir "$d"
     chmod 755 "$d"
@@ -87,26 +87,20 @@ $(conf_http "$d")
     }
 }
 EOF
-    "$NGINX_BIN" -p "$d/" -c "$d/nginx.conf" -e "$d/error.log" &
-    pid=$!
-    PIDS="$PIDS $pid"
-    eval "MASTER_$1=$pid"
-    wait_http "http://127.0.0.1:$2/ready" "$pid" "$d/error.log" \
-        || die "nginx ($1) did not start"
-    w=$(pgrep -P "$pid" | head -1)
-    [ -n "$w" ] || die "no nginx worker ($1)"
-    eval "WORKER_$1=$w"
+    start_nginx "$d" "http://127.0.0.1:$2/ready" "$1"
+    eval "MASTER_$1=$NGX_PID"
+    eval "WORKER_$1=$WORKER"
 }
 
 PORT_off=$(free_port)
 PORT_on=$(free_port)
 [ "$PORT_on" != "$PORT_off" ] || PORT_on=$(free_port)
 AUDIT=$AUDIT_DIR/audit.log
-start_nginx off "$PORT_off" ""
+start_instance off "$PORT_off" ""
 if [ "$CHAIN" = none ]; then
-    start_nginx on "$PORT_on" ""    # A/A control: two identical instances
+    start_instance on "$PORT_on" ""    # A/A control: two identical instances
 else
-    start_nginx on "$PORT_on" "sbx_audit_log $AUDIT chain=$CHAIN$BUFFER_PARAMS;"
+    start_instance on "$PORT_on" "sbx_audit_log $AUDIT chain=$CHAIN$BUFFER_PARAMS;"
 fi
 sleep 0.3
 

@@ -172,6 +172,17 @@ report_worker() {   # report_worker TARGETS...: medians and rounds table
     done
 }
 
+start_nginx() { # start_nginx DIR URL [LABEL]: nginx on DIR/nginx.conf until
+    # URL answers; sets NGX_PID (added to PIDS) and WORKER, its one worker
+    "$NGINX_BIN" -p "$1/" -c "$1/nginx.conf" -e "$1/error.log" &
+    NGX_PID=$!
+    PIDS="$PIDS $NGX_PID"
+    wait_http "$2" "$NGX_PID" "$1/error.log" \
+        || die "nginx${3:+ ($3)} did not start"
+    WORKER=$(pgrep -P "$NGX_PID" | head -1)
+    [ -n "$WORKER" ] || die "no nginx worker${3:+ ($3)}"
+}
+
 warm_up() {     # warm_up TARGETS...: wrk_run each for $WARMUP s, not measured
     [ "$WARMUP" -gt 0 ] || return 0
     for t in "$@"; do

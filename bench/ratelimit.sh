@@ -173,14 +173,7 @@ $(conf_http "$P")
 }
 EOF
 
-"$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
-NGX_PID=$!
-PIDS=$NGX_PID
-
-wait_http "$URL/base" "$NGX_PID" "$P/error.log" || die "nginx did not start"
-
-WORKER=$(pgrep -P "$NGX_PID" | head -1)
-[ -n "$WORKER" ] || die "no nginx worker"
+start_nginx "$P" "$URL/base"
 
 # ---------------------------------------------------------------- checks
 

@@ -94,15 +94,7 @@ $OPENRESTY_LUA
 }
 EOF
 
-"$NGINX_BIN" -p "$P/" -c "$P/nginx.conf" -e "$P/error.log" &
-NGX_PID=$!
-PIDS=$NGX_PID
-
-wait_http "$URL/return200" "$NGX_PID" "$P/error.log" \
-    || die "nginx did not start"
-
-WORKER=$(pgrep -P "$NGX_PID" | head -1)
-[ -n "$WORKER" ] || die "no nginx worker"
+start_nginx "$P" "$URL/return200"
 sleep 0.3
 nhelpers=$(pgrep -P "$WORKER" | wc -l)
 
